@@ -1,0 +1,48 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Everything else is a helper.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   := out/demo
+export BACKORDER_HOME ?= .backorder
+
+.PHONY: setup demo test lint typecheck check bench-train clean
+
+setup: $(STAMP)
+
+# Idempotent: re-runs only when the dependency pins or the package metadata change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/backorder train --data data/sample/labelled.csv.gz --output $(DEMO)/training
+	$(BIN)/backorder evaluate --data data/sample/holdout.csv.gz --output $(DEMO)/evaluation
+	$(BIN)/backorder predict --input data/sample/new_batch.csv.gz --output $(DEMO)/predictions.parquet
+	@echo
+	@echo "Demo outputs:"
+	@echo "  training report    $(DEMO)/training/report.html"
+	@echo "  evaluation report  $(DEMO)/evaluation/report.html (metrics: $(DEMO)/evaluation/metrics.json)"
+	@echo "  predictions        $(DEMO)/predictions.parquet"
+	@echo "  rejects            $(DEMO)/predictions.rejects.parquet"
+	@echo "  model registry     $(BACKORDER_HOME)/mlflow.db (backorder models list)"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
+
+typecheck: setup
+	$(BIN)/mypy src
+
+check: lint typecheck test
+
+bench-train: setup
+	$(BIN)/python bench/train_time.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,250 @@
+"""The ``backorder`` command line. Each command is one step of the model's life."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from backorder.config import Settings, load_settings
+from backorder.errors import BackorderError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Which SKUs are about to go on backorder, how likely that is, and why.",
+)
+models_app = typer.Typer(no_args_is_help=True, help="List, promote and roll back model versions.")
+app.add_typer(models_app, name="models")
+
+err = Console(stderr=True)
+out = Console()
+T = TypeVar("T")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", help="YAML settings file (else BACKORDER_CONFIG, else defaults)."),
+]
+ModelOption = Annotated[
+    str, typer.Option("--model", help="Model alias (champion, challenger) or version number.")
+]
+
+
+def _fail(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _guard(action: Callable[[], T]) -> T:
+    """Run a command; user-facing errors become one line on stderr and a non-zero exit."""
+    try:
+        return action()
+    except BackorderError as exc:
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted; no partial output was kept", 130)
+    raise AssertionError("unreachable")
+
+
+def _settings(config: Path | None) -> Settings:
+    return _guard(lambda: load_settings(config))
+
+
+def _say(message: str) -> None:
+    err.print(f"[dim]{datetime.now(UTC):%H:%M:%S}[/] {message}", highlight=False)
+
+
+@contextmanager
+def _reading_progress() -> Iterator[Callable[[Any], None]]:
+    """A progress bar over bytes of input read; silent when stderr is not a terminal."""
+    progress = Progress(
+        TextColumn("reading"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
+    tasks: dict[str, Any] = {}
+
+    def on_chunk(table: Any) -> None:
+        if table.uri not in tasks:
+            tasks[table.uri] = progress.add_task(table.uri, total=table.size_bytes)
+        progress.update(tasks[table.uri], completed=table.position())
+
+    with progress:
+        yield on_chunk
+
+
+@app.command()
+def train(
+    data: Annotated[list[str], typer.Option("--data", help="Labelled CSV/Parquet; repeatable.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Folder for report, metrics and rejects.")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Train on labelled history, register the model, and promote it if it beats the champion."""
+    from backorder.train import run_training
+
+    settings = _settings(config)
+    with _reading_progress() as on_chunk:
+        outcome = _guard(lambda: run_training(data, settings, output, _say, on_chunk))
+    v = outcome.validation
+    out.print(
+        f"model v{outcome.version} ({'champion' if outcome.promoted else 'challenger'}): "
+        f"validation ROC AUC {v['roc_auc']:.4f}, average precision {v['average_precision']:.4f}, "
+        f"threshold {v['threshold']:.4f}",
+        highlight=False,
+    )
+    out.print(f"promotion: {outcome.decision.reason}", highlight=False)
+    out.print(f"report:  {outcome.report}", highlight=False)
+    out.print(f"metrics: {outcome.metrics_file}", highlight=False)
+    if outcome.rejects_file:
+        out.print(f"rejects: {outcome.rejects_file}", highlight=False)
+
+
+@app.command()
+def evaluate(
+    data: Annotated[list[str], typer.Option("--data", help="Labelled CSV/Parquet; repeatable.")],
+    output: Annotated[Path, typer.Option("--output", help="Folder for metrics.json, report.html.")],
+    model: ModelOption = "champion",
+    config: ConfigOption = None,
+) -> None:
+    """Score labelled data with a model; write metrics.json and report.html."""
+    from backorder.evaluate import run_evaluation
+
+    settings = _settings(config)
+    with _reading_progress() as on_chunk:
+        outcome = _guard(lambda: run_evaluation(data, output, settings, model, _say, on_chunk))
+    m = outcome.metrics
+    auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"
+    ap = "n/a" if m["average_precision"] is None else f"{m['average_precision']:.4f}"
+    out.print(
+        f"model v{m['model_version']} on {m['n_rows']:,} rows ({m['n_positive']:,} backorders, "
+        f"{m['n_rejected']:,} rejected): ROC AUC {auc}, average precision {ap}",
+        highlight=False,
+    )
+    out.print(f"report:  {outcome.report}", highlight=False)
+    out.print(f"metrics: {outcome.metrics_file}", highlight=False)
+    if outcome.rejects_file:
+        out.print(f"rejects: {outcome.rejects_file}", highlight=False)
+
+
+@app.command()
+def predict(
+    input: Annotated[str, typer.Option("--input", help="CSV/Parquet batch to score.")],
+    output: Annotated[
+        Path, typer.Option("--output", help="Predictions: .parquet, .csv or .csv.gz")
+    ],
+    rejects: Annotated[
+        Path | None, typer.Option("--rejects", help="Rejected rows (default: beside the output).")
+    ] = None,
+    model: ModelOption = "champion",
+    config: ConfigOption = None,
+) -> None:
+    """Score a batch: every row is scored or written to the rejects file with its reason."""
+    from backorder.predict import predict_file
+    from backorder.registry import Registry
+
+    settings = _settings(config)
+    loaded = _guard(lambda: Registry(settings).load(model))
+    with _reading_progress() as on_chunk:
+        summary = _guard(
+            lambda: predict_file(input, output, loaded, settings, rejects, on_chunk=on_chunk)
+        )
+    out.print(summary.line(), highlight=False)
+    for warning, count in sorted(summary.warnings.items()):
+        err.print(f"warning: {count:,} row(s) with {warning}", highlight=False)
+    out.print(f"predictions: {summary.output}", highlight=False)
+    out.print(f"rejects:     {summary.rejects}", highlight=False)
+
+
+@app.command()
+def contract() -> None:
+    """Print the data contract (columns, types, allowed values) as Markdown."""
+    from backorder.contract import contract_markdown
+
+    sys.stdout.write(contract_markdown())
+
+
+@models_app.command("list")
+def models_list(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List registered versions with their aliases and holdout metrics."""
+    from backorder.registry import Registry
+
+    settings = _settings(config)
+    rows = _guard(lambda: Registry(settings).versions())
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    if not rows:
+        out.print("no model versions yet: run `backorder train --data FILE`")
+        return
+    grid = Table(
+        "version",
+        "aliases",
+        "created (UTC)",
+        "holdout AP",
+        "holdout AUC",
+        "validation AP",
+        "threshold",
+    )
+    for r in rows:
+        created = datetime.fromtimestamp(r["created"] / 1000, UTC).strftime("%Y-%m-%d %H:%M")
+
+        def f(x: float | None) -> str:
+            return "–" if x is None else f"{x:.4f}"
+
+        grid.add_row(
+            r["version"],
+            ", ".join(r["aliases"]),
+            created,
+            f(r["holdout_average_precision"]),
+            f(r["holdout_roc_auc"]),
+            f(r["validation_average_precision"]),
+            f(r["threshold"]),
+        )
+    out.print(grid)
+
+
+@models_app.command("promote")
+def models_promote(
+    version: Annotated[str, typer.Argument(help="Version number to make champion.")],
+    config: ConfigOption = None,
+) -> None:
+    """Make VERSION the champion (a manual override of the automatic promotion rule)."""
+    from backorder.registry import Registry
+
+    settings = _settings(config)
+    registry = Registry(settings)
+    _guard(lambda: registry.promote(version))
+    out.print(f"champion is now v{registry.resolve('champion')}")
+
+
+@models_app.command("rollback")
+def models_rollback(config: ConfigOption = None) -> None:
+    """Restore the previous champion."""
+    from backorder.registry import Registry
+
+    settings = _settings(config)
+    current, previous = _guard(lambda: Registry(settings).rollback())
+    out.print(f"champion rolled back from v{current} to v{previous}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

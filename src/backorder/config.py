@@ -1,0 +1,172 @@
+"""One settings object for the whole product.
+
+Values come, highest priority first, from keyword arguments, ``BACKORDER_*`` environment
+variables (nested fields with ``__``, e.g. ``BACKORDER_LIGHTGBM__NUM_LEAVES=63``) and an
+optional YAML file named by ``--config`` or ``BACKORDER_CONFIG``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from backorder.errors import ConfigError
+
+
+class LightGBMSettings(BaseModel):
+    """Booster hyper-parameters; the number of trees is found by early stopping."""
+
+    learning_rate: float = Field(0.02, gt=0, le=1)
+    num_leaves: int = Field(31, ge=2)
+    min_child_samples: int = Field(50, ge=1)
+    subsample: float = Field(0.8, gt=0, le=1)
+    subsample_freq: int = Field(1, ge=0)
+    colsample_bytree: float = Field(0.7, gt=0, le=1)
+    reg_lambda: float = Field(1.0, ge=0)
+    max_trees: int = Field(3000, ge=1, description="Upper bound; early stopping picks fewer.")
+    early_stopping_rounds: int = Field(200, ge=1)
+    n_jobs: int = Field(2, ge=1, description="Threads; this product is sized for 2 cores.")
+
+
+class Settings(BaseSettings):
+    """Every tunable of the product. Field descriptions give meaning and unit."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BACKORDER_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    home: Path = Field(
+        Path(".backorder"), description="Folder for the local MLflow store and run outputs."
+    )
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; falls back to MLFLOW_TRACKING_URI, then SQLite in home.",
+    )
+    experiment_name: str = "backorder"
+    model_name: str = Field("backorder", description="Registered model name in MLflow.")
+
+    # Business costs, in the same (arbitrary) currency unit; only their ratio matters.
+    cost_missed_backorder: float = Field(
+        10.0, gt=0, description="Cost of a backorder the model did not flag."
+    )
+    cost_false_alarm: float = Field(
+        1.0, gt=0, description="Cost of reviewing/expediting a SKU that would not backorder."
+    )
+    alert_budgets: list[float] = Field(
+        default_factory=lambda: [0.01, 0.02, 0.05],
+        description="Shares of SKUs a planner can review; operating points are reported for each.",
+    )
+    watchlist_fraction: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="risk_band is 'medium' from this fraction of the decision threshold upwards.",
+    )
+    reasons_per_row: int = Field(3, ge=1, le=10)
+
+    cv_folds: int = Field(5, ge=2, description="Stratified folds for out-of-fold validation.")
+    early_stopping_fraction: float = Field(
+        0.15, gt=0, lt=0.5, description="Share of each training fold kept for early stopping."
+    )
+    holdout_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=0.5,
+        description=(
+            "Share of labelled rows, chosen by a hash of their feature values, that no model ever "
+            "trains on; champion and challenger are compared on them."
+        ),
+    )
+    random_seed: int = 42
+
+    promotion_min_ap_gain: float = Field(
+        0.005, ge=0, description="Average-precision gain a challenger needs over the champion."
+    )
+    promotion_max_auc_loss: float = Field(
+        0.0, ge=0, description="ROC AUC the challenger may lose against the champion."
+    )
+
+    read_block_bytes: int = Field(
+        8 << 20, ge=1 << 16, description="CSV bytes parsed per chunk when streaming."
+    )
+    lightgbm: LightGBMSettings = Field(default_factory=lambda: LightGBMSettings())
+
+    @model_validator(mode="after")
+    def _budgets_are_shares(self) -> Settings:
+        if not self.alert_budgets or any(not 0 < b < 1 for b in self.alert_budgets):
+            raise ValueError("alert_budgets must be shares strictly between 0 and 1")
+        return self
+
+    @property
+    def resolved_tracking_uri(self) -> str:
+        if self.tracking_uri:
+            return self.tracking_uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
+
+    @property
+    def bayes_threshold(self) -> float:
+        """Cost-optimal threshold for perfectly calibrated probabilities."""
+        return self.cost_false_alarm / (self.cost_false_alarm + self.cost_missed_backorder)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from overrides, environment and an optional YAML file."""
+    env_path = os.environ.get("BACKORDER_CONFIG")
+    path = config_file or (Path(env_path) if env_path else None)
+    file_values: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of setting names to values")
+        file_values = loaded
+
+    class _Layered(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return init_settings, env_settings, _DictSource(settings_cls, file_values)
+
+    try:
+        layered = _Layered(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        source = f"{path}: " if path else ""
+        raise ConfigError(f"{source}setting '{where}': {first['msg']}") from None
+    return layered
+
+
+class _DictSource(PydanticBaseSettingsSource):
+    """Lowest-priority source holding the YAML file's values."""
+
+    def __init__(self, settings_cls: type[BaseSettings], values: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._values = values
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)

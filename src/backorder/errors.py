@@ -1,0 +1,25 @@
+"""Errors a user can act on. Each message is one line naming the file, row or field."""
+
+
+class BackorderError(Exception):
+    """Base class: the CLI prints the message on one line and exits non-zero."""
+
+    exit_code = 1
+
+
+class InputFileError(BackorderError):
+    """A whole input file is unusable (missing, empty, unreadable, wrong shape)."""
+
+    exit_code = 2
+
+
+class ConfigError(BackorderError):
+    """A setting or config file is invalid."""
+
+    exit_code = 2
+
+
+class ModelNotFoundError(BackorderError):
+    """The requested model version or alias does not exist in the registry."""
+
+    exit_code = 3

@@ -1,0 +1,89 @@
+"""Evaluation: score labelled data with a registered model and write metrics and a report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from backorder.config import Settings
+from backorder.data import ChunkProgress, load_labelled
+from backorder.io import TableWriter, write_json_atomic, write_text_atomic
+from backorder.metrics import evaluate_predictions
+from backorder.model import backorder_probability, classifier_of
+from backorder.registry import CHAMPION, Registry
+from backorder.report import evaluation_sections, render, table
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class EvaluationOutcome:
+    metrics: dict[str, Any]
+    metrics_file: Path
+    report: Path
+    rejects_file: Path | None
+
+
+def run_evaluation(
+    uris: Sequence[str | Path],
+    output_dir: Path,
+    settings: Settings,
+    model_ref: str = CHAMPION,
+    say: Say = lambda _msg: None,
+    on_chunk: ChunkProgress | None = None,
+) -> EvaluationOutcome:
+    model = Registry(settings).load(model_ref)
+    say(f"evaluating model v{model.version}")
+    data = load_labelled(uris, settings.read_block_bytes, on_chunk=on_chunk)
+    rows = data.rows
+    clf = classifier_of(model.pipeline)
+    probability = backorder_probability(model.pipeline, rows)
+    ev = evaluate_predictions(
+        rows,
+        data.y,
+        probability,
+        clf.decision_threshold_,
+        settings.cost_missed_backorder,
+        settings.cost_false_alarm,
+        settings.alert_budgets,
+    )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rejects_file = None
+    if len(data.rejects):
+        rejects_file = output_dir / "rejects.csv"
+        writer = TableWriter(rejects_file, data.rejects.iloc[:0])
+        writer.write(data.rejects)
+        writer.commit()
+    metrics = {
+        **ev.metrics,
+        "model_version": model.version,
+        "n_read": data.n_read,
+        "n_rejected": len(data.rejects),
+        "inputs": [asdict(s) for s in data.sources],
+        "segments": ev.segments.to_dict(orient="records"),
+        "reliability": ev.reliability.to_dict(orient="records"),
+    }
+    metrics_file = write_json_atomic(output_dir / "metrics.json", metrics)
+    features = model.pipeline.steps[0][1].transform(rows.head(20_000))
+    contribution = clf.contributions(features).drop(columns="baseline").abs().mean()
+    intro = [
+        ("model version", model.version),
+        ("trained at", model.metadata.get("trained_at")),
+        ("rows read", f"{data.n_read:,}"),
+        ("rows evaluated", f"{len(rows):,}"),
+        ("rows rejected", f"{len(data.rejects):,}"),
+    ]
+    body = evaluation_sections(
+        ev, rows, clf.feature_importance(), contribution.sort_values(ascending=False)
+    )
+    if data.warnings:
+        body += table(pd.DataFrame(sorted(data.warnings.items()), columns=["warning", "rows"]))
+    report = write_text_atomic(
+        output_dir / "report.html",
+        render(f"Evaluation: backorder model v{model.version}", intro, body),
+    )
+    return EvaluationOutcome(metrics, metrics_file, report, rejects_file)

@@ -1,0 +1,400 @@
+"""The I/O seam: every input and output of the product goes through this module.
+
+Inputs are paths or fsspec URLs of CSV (optionally gzip-compressed) or Parquet files, read in
+bounded chunks. Outputs are written atomically: to a temporary file beside the target, renamed
+into place only when complete, so an interrupted run never leaves a partial file behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import uuid
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from backorder.contract import (
+    FOOTER_PATTERN,
+    FOOTER_REASON,
+    LABEL,
+    ORIGINAL_LINE,
+    REASON,
+    ROW_NUMBER,
+    SPECS,
+)
+from backorder.errors import InputFileError
+
+GZIP_MAGIC = b"\x1f\x8b"
+PARQUET_MAGIC = b"PAR1"
+ZIP_MAGIC = b"PK\x03\x04"
+SNIFF_BYTES = 64 * 1024
+OTHER_DELIMITERS = {";": "';'", "\t": "tab", "|": "'|'"}
+
+
+@dataclass
+class BrokenRow:
+    """A line that could not be split into the header's fields."""
+
+    row_number: int
+    reason: str
+    text: str
+
+
+@dataclass
+class RawChunk:
+    """Rows as read: contract columns renamed to their canonical names, values as in the file.
+
+    The index is the 1-based data row number (row 1 is the line after the header).
+    """
+
+    frame: pd.DataFrame
+    broken: list[BrokenRow] = field(default_factory=list)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.frame) + len(self.broken)
+
+
+def _display(uri: str) -> str:
+    return str(uri)
+
+
+def _canonical(name: str) -> str:
+    return name.replace("\ufeff", "").strip().strip('"').strip().lower()
+
+
+class InputTable:
+    """One input file, opened and sniffed; iterate ``chunks()`` to read it in bounded memory."""
+
+    def __init__(self, uri: str | Path, block_bytes: int = 8 << 20) -> None:
+        self.uri = str(uri)
+        self.block_bytes = block_bytes
+        self._raw_handle: Any = None
+        self._fs, self._path = fsspec.core.url_to_fs(self.uri)
+        try:
+            info = self._fs.info(self._path)
+        except FileNotFoundError:
+            raise InputFileError(f"{self.uri}: file not found") from None
+        except OSError as exc:
+            raise InputFileError(f"{self.uri}: cannot be opened ({exc.strerror or exc})") from None
+        if info.get("type") == "directory":
+            raise InputFileError(f"{self.uri}: is a directory, expected a CSV or Parquet file")
+        self.size_bytes: int = int(info.get("size") or 0)
+        if self.size_bytes == 0:
+            raise InputFileError(f"{self.uri}: file is empty")
+        head = self._read_head()
+        self.compressed = head.startswith(GZIP_MAGIC)
+        if self.compressed:
+            head = self._gunzip_prefix(head)
+        if head.startswith(PARQUET_MAGIC) and not self.compressed:
+            self.format = "parquet"
+            self._open_parquet()
+        elif head.startswith(ZIP_MAGIC):
+            raise InputFileError(
+                f"{self.uri}: is a ZIP or Excel workbook, not CSV or Parquet; export it as CSV"
+            )
+        else:
+            self.format = "csv"
+            self._sniff_csv(head)
+        self._check_columns()
+
+    # -- opening -------------------------------------------------------------------------------
+    def _read_head(self) -> bytes:
+        try:
+            with self._fs.open(self._path, "rb") as handle:
+                return bytes(handle.read(SNIFF_BYTES))
+        except OSError as exc:
+            raise InputFileError(f"{self.uri}: cannot be read ({exc.strerror or exc})") from None
+
+    def _gunzip_prefix(self, head: bytes) -> bytes:
+        # Decompress only what the sniffed bytes hold; the stream may continue past them.
+        try:
+            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, SNIFF_BYTES)
+        except zlib.error:
+            raise InputFileError(f"{self.uri}: gzip data is corrupt") from None
+
+    def _open_parquet(self) -> None:
+        try:
+            self._parquet = pq.ParquetFile(self._fs.open(self._path, "rb"))
+        except (pa.ArrowException, OSError) as exc:
+            raise InputFileError(f"{self.uri}: not a readable Parquet file ({exc})") from None
+        self.raw_columns = list(self._parquet.schema_arrow.names)
+        self.total_rows: int | None = self._parquet.metadata.num_rows
+        if self.total_rows == 0:
+            raise InputFileError(f"{self.uri}: Parquet file has no rows")
+
+    def _sniff_csv(self, head: bytes) -> None:
+        if b"\x00" in head:
+            raise InputFileError(f"{self.uri}: is a binary file, not CSV or Parquet")
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            # The sniffed block may end inside a multi-byte character; only earlier errors count.
+            if exc.start < len(head) - 4:
+                raise InputFileError(
+                    f"{self.uri}: is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV"
+                ) from None
+            text = head[: exc.start].decode("utf-8")
+        text = text.lstrip("\ufeff")
+        header_line = text.splitlines()[0] if text.strip() else ""
+        if not header_line.strip():
+            raise InputFileError(f"{self.uri}: first line is empty; expected a header row")
+        header = next(csv.reader([header_line]))
+        if len(header) == 1:
+            for delimiter, name in OTHER_DELIMITERS.items():
+                if delimiter in header_line:
+                    raise InputFileError(
+                        f"{self.uri}: fields are separated by {name}, expected commas"
+                    )
+        self.raw_columns = header
+        body = text[len(header_line) :].strip("\r\n")
+        self.total_rows = None
+        if not body and len(head) < SNIFF_BYTES:
+            raise InputFileError(f"{self.uri}: has a header but no data rows")
+
+    def _check_columns(self) -> None:
+        canonical = [_canonical(c) for c in self.raw_columns]
+        seen: set[str] = set()
+        for name in canonical:
+            if name in SPECS and name in seen:
+                raise InputFileError(f"{self.uri}: column '{name}' appears more than once")
+            seen.add(name)
+        self._rename = {
+            raw: can for raw, can in zip(self.raw_columns, canonical, strict=True) if can in SPECS
+        }
+        self.columns = [self._rename.get(c, c) for c in self.raw_columns]
+
+    def require(self, required: tuple[str, ...] | list[str]) -> None:
+        """Fail fast, naming the file, when required contract columns are absent."""
+        missing = [c for c in required if c not in self.columns]
+        if missing:
+            raise InputFileError(
+                f"{self.uri}: missing required column(s) {', '.join(missing)}"
+                + (" (is it the right file?)" if len(missing) > 3 else "")
+            )
+
+    @property
+    def has_label(self) -> bool:
+        return LABEL in self.columns
+
+    # -- reading -------------------------------------------------------------------------------
+    def chunks(self) -> Iterator[RawChunk]:
+        """Yield the file in chunks; broken lines are returned with their row numbers."""
+        if self.format == "parquet":
+            yield from self._parquet_chunks()
+        else:
+            yield from self._csv_chunks()
+
+    def position(self) -> int:
+        """Bytes of the (possibly compressed) file consumed so far, for progress display."""
+        handle = self._raw_handle
+        return int(handle.tell()) if handle is not None and not handle.closed else self.size_bytes
+
+    @staticmethod
+    def _broken(line: int, text: str, fields: int, expected: int) -> BrokenRow:
+        # Line 1 is the header, so data row N is line N + 1.
+        if FOOTER_PATTERN.match(text.strip().strip(",").strip()):
+            return BrokenRow(line - 1, FOOTER_REASON, text)
+        return BrokenRow(line - 1, f"has {fields} field(s), expected {expected}", text)
+
+    def _parquet_chunks(self) -> Iterator[RawChunk]:
+        rows_seen = 0
+        batch_rows = max(10_000, self.block_bytes // 100)
+        try:
+            for batch in self._parquet.iter_batches(batch_size=batch_rows):
+                frame = batch.to_pandas()
+                frame.columns = self.columns
+                frame.index = pd.RangeIndex(rows_seen + 1, rows_seen + 1 + len(frame))
+                rows_seen += len(frame)
+                yield RawChunk(frame)
+        except (pa.ArrowException, OSError) as exc:
+            raise InputFileError(f"{self.uri}: Parquet data is corrupt ({exc})") from None
+
+    def _csv_chunks(self) -> Iterator[RawChunk]:
+        expected = len(self.raw_columns)
+        pending: list[tuple[int, str, int]] = []
+
+        def on_invalid(row: Any) -> str:
+            pending.append((int(row.number), str(row.text), int(row.actual_columns)))
+            return "skip"
+
+        self._raw_handle = self._fs.open(self._path, "rb")
+        stream: Any = self._raw_handle
+        if self.compressed:
+            stream = gzip.GzipFile(fileobj=self._raw_handle)
+        reader_options = pacsv.ReadOptions(
+            block_size=self.block_bytes, use_threads=False, encoding="utf8"
+        )
+        parse_options = pacsv.ParseOptions(
+            invalid_row_handler=on_invalid, ignore_empty_lines=False, newlines_in_values=False
+        )
+        convert_options = pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in self.raw_columns},
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+        )
+        # The reader parses ahead, so a broken line may be reported before the batch holding its
+        # neighbours. Broken lines carry their own line numbers; valid rows take the gaps.
+        broken_numbers: set[int] = set()
+        next_row = 1
+        try:
+            reader = pacsv.open_csv(
+                stream,
+                read_options=reader_options,
+                parse_options=parse_options,
+                convert_options=convert_options,
+            )
+            for batch in reader:
+                broken = [
+                    self._broken(line, text, fields, expected) for line, text, fields in pending
+                ]
+                pending.clear()
+                broken_numbers.update(b.row_number for b in broken)
+                ahead = sum(1 for n in broken_numbers if n >= next_row)
+                candidates = np.arange(next_row, next_row + batch.num_rows + ahead, dtype="int64")
+                if ahead:
+                    candidates = candidates[~np.isin(candidates, list(broken_numbers))]
+                numbers = candidates[: batch.num_rows]
+                if len(numbers):
+                    next_row = int(numbers[-1]) + 1
+                frame = batch.to_pandas()
+                frame.columns = self.columns
+                frame.index = pd.Index(numbers)
+                yield RawChunk(frame, broken)
+            if pending:
+                yield RawChunk(
+                    pd.DataFrame(columns=self.columns, dtype="string"),
+                    [self._broken(line, text, fields, expected) for line, text, fields in pending],
+                )
+        except pa.ArrowInvalid as exc:
+            raise InputFileError(
+                f"{self.uri}: cannot be parsed as CSV ({_first_line(exc)})"
+            ) from None
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            raise InputFileError(f"{self.uri}: cannot be read ({_first_line(exc)})") from None
+        finally:
+            self._raw_handle.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+
+
+def broken_rows_frame(broken: list[BrokenRow], columns: list[str]) -> pd.DataFrame:
+    """Rejects-file rows for lines that could not be split into fields."""
+    frame = pd.DataFrame(
+        {
+            ROW_NUMBER: pd.array([b.row_number for b in broken], dtype="int64"),
+            REASON: pd.array([b.reason for b in broken], dtype="string"),
+        }
+    )
+    for column in columns:
+        frame[column] = pd.array([None] * len(broken), dtype="string")
+    frame[ORIGINAL_LINE] = pd.array([b.text for b in broken], dtype="string")
+    return frame
+
+
+# -- writing -----------------------------------------------------------------------------------
+def table_format(uri: str | Path) -> str:
+    """'parquet', 'csv' or 'csv.gz', from the output's extension."""
+    name = str(uri).lower()
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
+    if name.endswith(".csv"):
+        return "csv"
+    if name.endswith(".csv.gz"):
+        return "csv.gz"
+    raise InputFileError(f"{uri}: output must end with .parquet, .csv or .csv.gz")
+
+
+def _temp_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+class TableWriter:
+    """Writes a table chunk by chunk to a temporary file; ``commit`` renames it into place."""
+
+    def __init__(self, uri: str | Path, template: pd.DataFrame) -> None:
+        self.target = Path(uri)
+        self.format = table_format(uri)
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.temp = _temp_path(self.target)
+        self.rows = 0
+        self._schema = pa.Schema.from_pandas(template, preserve_index=False)
+        self._parquet: pq.ParquetWriter | None = None
+        self._text: IO[str] | None = None
+        if self.format == "parquet":
+            self._parquet = pq.ParquetWriter(self.temp, self._schema, compression="zstd")
+        else:
+            # Kept open across write() calls; closed by commit() or abort().
+            if self.format == "csv.gz":
+                self._text = gzip.open(self.temp, "wt", encoding="utf-8", newline="")  # noqa: SIM115
+            else:
+                self._text = open(self.temp, "w", encoding="utf-8", newline="")  # noqa: SIM115
+            template.iloc[:0].to_csv(self._text, index=False)
+
+    def write(self, frame: pd.DataFrame) -> None:
+        if frame.empty:
+            return
+        if self._parquet is not None:
+            table = pa.Table.from_pandas(frame, schema=self._schema, preserve_index=False)
+            self._parquet.write_table(table)
+        else:
+            assert self._text is not None
+            frame.to_csv(self._text, index=False, header=False, lineterminator="\n")
+        self.rows += len(frame)
+
+    def _close(self) -> None:
+        if self._parquet is not None:
+            self._parquet.close()
+            self._parquet = None
+        if self._text is not None:
+            self._text.close()
+            self._text = None
+
+    def commit(self) -> None:
+        self._close()
+        os.replace(self.temp, self.target)
+
+    def abort(self) -> None:
+        self._close()
+        self.temp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a whole text file atomically."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = _temp_path(target)
+    try:
+        temp.write_text(text, encoding="utf-8")
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+    return target
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> Path:
+    return write_text_atomic(
+        path, json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n"
+    )
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

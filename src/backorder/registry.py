@@ -1,0 +1,204 @@
+"""Runs and the model registry, in MLflow.
+
+Each training run logs params, metrics, the data fingerprint, the report and the model artifact,
+and registers a model version. Aliases say which version serves: ``champion`` (scores batches
+and requests) and ``challenger`` (the newest candidate). A registered-model tag keeps the order
+of past champions, so ``rollback`` can restore the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from backorder.config import Settings
+from backorder.errors import ModelNotFoundError
+
+# Offline by default: no usage telemetry leaves the machine.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from sklearn.pipeline import Pipeline
+
+from backorder.model import load_pipeline, save_pipeline
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+HISTORY_TAG = "champion_history"
+MODEL_ARTIFACT = "model"
+
+
+@dataclass
+class LoadedModel:
+    """A fitted pipeline with the registry facts a consumer reports alongside its scores."""
+
+    pipeline: Pipeline
+    version: str
+    metadata: dict[str, Any]
+    aliases: list[str]
+
+
+class Registry:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.name = settings.model_name
+        uri = settings.resolved_tracking_uri
+        if uri.startswith("sqlite:///"):
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        self.tracking_uri = uri
+
+    # -- runs ----------------------------------------------------------------------------------
+    def experiment_id(self) -> str:
+        existing = self.client.get_experiment_by_name(self.settings.experiment_name)
+        if existing is not None:
+            return str(existing.experiment_id)
+        location = None
+        if self.tracking_uri.startswith("sqlite:///"):
+            # Keep artifacts beside the database rather than in the working directory.
+            location = (self.settings.home / "mlartifacts").resolve().as_uri()
+        return str(self.client.create_experiment(self.settings.experiment_name, location))
+
+    def log_training_run(
+        self,
+        pipeline: Pipeline,
+        metadata: dict[str, Any],
+        params: dict[str, Any],
+        metrics: dict[str, float],
+        tags: dict[str, str],
+        artifacts: list[Path],
+    ) -> tuple[str, str]:
+        """Log one training run and register its model; return (run id, model version)."""
+        with mlflow.start_run(experiment_id=self.experiment_id()) as run:
+            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+            mlflow.log_metrics(metrics)
+            mlflow.set_tags(tags)
+            for path in artifacts:
+                mlflow.log_artifact(str(path))
+            with tempfile.TemporaryDirectory() as tmp:
+                model_dir = save_pipeline(
+                    pipeline, Path(tmp) / MODEL_ARTIFACT, {**metadata, "run_id": run.info.run_id}
+                )
+                mlflow.log_artifacts(str(model_dir), artifact_path=MODEL_ARTIFACT)
+            run_id = run.info.run_id
+        self._ensure_registered_model()
+        version = self.client.create_model_version(
+            self.name,
+            source=f"runs:/{run_id}/{MODEL_ARTIFACT}",
+            run_id=run_id,
+            tags={k: str(v) for k, v in tags.items()},
+        )
+        return run_id, str(version.version)
+
+    def _ensure_registered_model(self) -> None:
+        try:
+            self.client.get_registered_model(self.name)
+        except MlflowException:
+            self.client.create_registered_model(
+                self.name, description="Probability that a SKU goes on backorder."
+            )
+
+    # -- loading -------------------------------------------------------------------------------
+    def resolve(self, ref: str) -> str:
+        """Model version for ``ref``: an alias (champion, challenger), a version number, or
+        ``models:/NAME/VERSION`` / ``models:/NAME@ALIAS``."""
+        ref = ref.strip()
+        if ref.startswith("models:/"):
+            rest = ref.removeprefix("models:/")
+            name, _, tail = rest.partition("@") if "@" in rest else rest.partition("/")
+            if name != self.name:
+                raise ModelNotFoundError(f"model '{name}' is not this registry's '{self.name}'")
+            ref = tail
+        if ref.isdigit():
+            try:
+                self.client.get_model_version(self.name, ref)
+            except MlflowException:
+                raise ModelNotFoundError(
+                    f"model version {ref} of '{self.name}' not found in {self.tracking_uri}"
+                ) from None
+            return ref
+        try:
+            return str(self.client.get_model_version_by_alias(self.name, ref).version)
+        except MlflowException:
+            hint = " (train a model first: backorder train --data FILE)" if ref == CHAMPION else ""
+            raise ModelNotFoundError(
+                f"no model '{self.name}@{ref}' in {self.tracking_uri}{hint}"
+            ) from None
+
+    def load(self, ref: str = CHAMPION) -> LoadedModel:
+        """Download a version's artifact and rebuild its fitted pipeline."""
+        version = self.resolve(ref)
+        mv = self.client.get_model_version(self.name, version)
+        with tempfile.TemporaryDirectory(prefix="backorder-model-") as tmp:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{self.name}/{version}", dst_path=tmp
+            )
+            pipeline, metadata = load_pipeline(Path(local))
+        return LoadedModel(pipeline, version, metadata, list(mv.aliases))
+
+    def champion_version(self) -> str | None:
+        try:
+            return self.resolve(CHAMPION)
+        except ModelNotFoundError:
+            return None
+
+    # -- aliases -------------------------------------------------------------------------------
+    def _history(self) -> list[str]:
+        tags = self.client.get_registered_model(self.name).tags
+        return list(json.loads(tags.get(HISTORY_TAG, "[]")))
+
+    def set_challenger(self, version: str) -> None:
+        self.client.set_registered_model_alias(self.name, CHALLENGER, version)
+
+    def promote(self, version: str) -> None:
+        """Make ``version`` the champion and remember the order of champions."""
+        version = self.resolve(version)
+        history = self._history()
+        if history and history[-1] == version:
+            return
+        self.client.set_registered_model_alias(self.name, CHAMPION, version)
+        self.client.set_registered_model_tag(
+            self.name, HISTORY_TAG, json.dumps([*history, version])
+        )
+
+    def rollback(self) -> tuple[str, str]:
+        """Restore the previous champion; return (from version, to version)."""
+        history = self._history()
+        if len(history) < 2:
+            raise ModelNotFoundError(f"'{self.name}' has no earlier champion to roll back to")
+        current, previous = history[-1], history[-2]
+        self.client.set_registered_model_alias(self.name, CHAMPION, previous)
+        self.client.set_registered_model_tag(self.name, HISTORY_TAG, json.dumps(history[:-1]))
+        return current, previous
+
+    def versions(self) -> list[dict[str, Any]]:
+        try:
+            found = self.client.search_model_versions(f"name='{self.name}'")
+        except MlflowException:
+            return []
+        rows = []
+        for mv in sorted(found, key=lambda v: int(v.version)):
+            run = self.client.get_run(mv.run_id) if mv.run_id else None
+            metrics = run.data.metrics if run else {}
+            rows.append(
+                {
+                    "version": str(mv.version),
+                    "aliases": sorted(mv.aliases),
+                    "created": int(mv.creation_timestamp),
+                    "run_id": mv.run_id,
+                    "holdout_average_precision": metrics.get("holdout_average_precision"),
+                    "holdout_roc_auc": metrics.get("holdout_roc_auc"),
+                    "validation_average_precision": metrics.get("validation_average_precision"),
+                    "validation_roc_auc": metrics.get("validation_roc_auc"),
+                    "threshold": metrics.get("validation_threshold"),
+                }
+            )
+        return rows

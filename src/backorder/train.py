@@ -1,0 +1,363 @@
+"""Training: validated labelled rows in, a registered (and maybe promoted) model out.
+
+The steps: load and validate the inputs; set aside a promotion holdout chosen by a hash of each
+row's features (so the same rows are held out in every run and no model ever trains on them);
+fit the pipeline with cross-validation on the rest; evaluate on the out-of-fold predictions and
+on the holdout; log everything to MLflow; register the model as challenger; promote it to
+champion only if it beats the current champion on the same holdout rows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from backorder import __version__
+from backorder.config import Settings
+from backorder.contract import LABEL
+from backorder.data import ChunkProgress, LabelledData, feature_hash, load_labelled
+from backorder.io import TableWriter, write_json_atomic, write_text_atomic
+from backorder.metrics import Evaluation, evaluate_predictions, flat_metrics
+from backorder.model import backorder_probability, build_pipeline, classifier_of
+from backorder.registry import Registry
+from backorder.report import evaluation_sections, render, table
+
+HASH_BUCKETS = 10_000
+
+Say = Callable[[str], None]
+
+
+def holdout_mask(rows: pd.DataFrame, fraction: float) -> np.ndarray:
+    """Rows in the promotion holdout: a fixed share of feature-value hashes, stable across runs."""
+    if fraction <= 0:
+        return np.zeros(len(rows), dtype=bool)
+    return (feature_hash(rows) % HASH_BUCKETS) < round(fraction * HASH_BUCKETS)
+
+
+@dataclass
+class PromotionDecision:
+    promoted: bool
+    reason: str
+    champion_version: str | None
+    challenger: dict[str, float | None]
+    champion: dict[str, float | None] | None
+
+
+def decide_promotion(
+    challenger: dict[str, Any],
+    champion: dict[str, Any] | None,
+    settings: Settings,
+    champion_version: str | None,
+) -> PromotionDecision:
+    """Promote when the challenger's AP beats the champion's by the margin without losing AUC."""
+    keys = ("average_precision", "roc_auc")
+    mine = {k: challenger.get(k) for k in keys}
+    if champion is None:
+        return PromotionDecision(
+            True, "no champion yet: the first model becomes champion", None, mine, None
+        )
+    theirs = {k: champion.get(k) for k in keys}
+    if None in mine.values() or None in theirs.values():
+        return PromotionDecision(
+            False,
+            "holdout has no backorders to compare on; kept champion",
+            champion_version,
+            mine,
+            theirs,
+        )
+    ap_gain = float(mine["average_precision"]) - float(theirs["average_precision"])  # type: ignore[arg-type]
+    auc_change = float(mine["roc_auc"]) - float(theirs["roc_auc"])  # type: ignore[arg-type]
+    enough_ap = ap_gain >= settings.promotion_min_ap_gain
+    kept_auc = auc_change >= -settings.promotion_max_auc_loss
+    verdict = (
+        f"average precision {ap_gain:+.4f} (needs >= +{settings.promotion_min_ap_gain:g}), "
+        f"ROC AUC {auc_change:+.4f} (may lose <= {settings.promotion_max_auc_loss:g})"
+    )
+    if enough_ap and kept_auc:
+        return PromotionDecision(
+            True, f"beats champion v{champion_version}: {verdict}", champion_version, mine, theirs
+        )
+    return PromotionDecision(
+        False, f"kept champion v{champion_version}: {verdict}", champion_version, mine, theirs
+    )
+
+
+@dataclass
+class TrainingOutcome:
+    version: str
+    run_id: str
+    promoted: bool
+    decision: PromotionDecision
+    output_dir: Path
+    report: Path
+    metrics_file: Path
+    rejects_file: Path | None
+    validation: dict[str, Any]
+    holdout: dict[str, Any] | None
+    data: LabelledData
+    fit_seconds: float
+
+
+def _evaluate(
+    rows: pd.DataFrame, y: np.ndarray, p: np.ndarray, threshold: float, settings: Settings
+) -> Evaluation:
+    return evaluate_predictions(
+        rows,
+        y,
+        p,
+        threshold,
+        settings.cost_missed_backorder,
+        settings.cost_false_alarm,
+        settings.alert_budgets,
+    )
+
+
+def run_training(
+    uris: Sequence[str | Path],
+    settings: Settings,
+    output_dir: Path | None = None,
+    say: Say = lambda _msg: None,
+    on_chunk: ChunkProgress | None = None,
+) -> TrainingOutcome:
+    started = datetime.now(UTC)
+    output_dir = output_dir or settings.home / "runs" / f"train-{started:%Y%m%dT%H%M%SZ}"
+    say(f"reading {len(uris)} labelled input(s)")
+    data = load_labelled(uris, settings.read_block_bytes, on_chunk=on_chunk)
+    for s in data.sources:
+        say(
+            f"{s.uri}: read {s.read:,}, accepted {s.accepted:,}, rejected {s.rejected:,}"
+            + (
+                f", dropped {s.duplicates_dropped:,} repeated from earlier inputs"
+                if s.duplicates_dropped
+                else ""
+            )
+        )
+
+    rows = data.rows.reset_index(drop=True)
+    y = rows[LABEL].to_numpy(dtype=np.int64)
+    in_holdout = holdout_mask(rows, settings.holdout_fraction)
+    train_rows, holdout_rows = rows.loc[~in_holdout], rows.loc[in_holdout]
+    y_train, y_holdout = y[~in_holdout], y[in_holdout]
+    say(
+        f"training on {len(train_rows):,} rows ({int(y_train.sum()):,} backorders); "
+        f"promotion holdout {len(holdout_rows):,} rows ({int(y_holdout.sum()):,} backorders)"
+    )
+
+    fit_started = time.perf_counter()
+    pipeline = build_pipeline(settings, progress=say)
+    pipeline.fit(train_rows, y_train)
+    fit_seconds = time.perf_counter() - fit_started
+    clf = classifier_of(pipeline)
+    threshold = clf.decision_threshold_
+    say(f"fitted in {fit_seconds:.1f} s; threshold {threshold:.4f}")
+
+    validation = _evaluate(train_rows, y_train, clf.oof_probability_, threshold, settings)
+    holdout_eval: Evaluation | None = None
+    champion_holdout: dict[str, Any] | None = None
+    registry = Registry(settings)
+    champion_version = registry.champion_version()
+    if len(holdout_rows) and 0 < y_holdout.sum() < len(y_holdout):
+        holdout_eval = _evaluate(
+            holdout_rows,
+            y_holdout,
+            backorder_probability(pipeline, holdout_rows),
+            threshold,
+            settings,
+        )
+        if champion_version is not None:
+            champion = registry.load(champion_version)
+            champion_p = backorder_probability(champion.pipeline, holdout_rows)
+            champion_holdout = _evaluate(
+                holdout_rows,
+                y_holdout,
+                champion_p,
+                classifier_of(champion.pipeline).decision_threshold_,
+                settings,
+            ).metrics
+    decision = decide_promotion(
+        holdout_eval.metrics if holdout_eval else {}, champion_holdout, settings, champion_version
+    )
+
+    fingerprint = data.fingerprint()
+    metadata = {
+        "trained_at": started.isoformat(timespec="seconds"),
+        "package_version": __version__,
+        "training_rows": len(train_rows),
+        "training_positives": int(y_train.sum()),
+        "data_fingerprint": fingerprint,
+        "threshold": threshold,
+        "feature_names": list(clf.feature_names_in_),
+        "validation": _headline(validation.metrics),
+        "holdout": _headline(holdout_eval.metrics) if holdout_eval else None,
+        "cost_missed_backorder": settings.cost_missed_backorder,
+        "cost_false_alarm": settings.cost_false_alarm,
+        "watchlist_fraction": settings.watchlist_fraction,
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rejects_file = None
+    if len(data.rejects):
+        rejects_file = output_dir / "rejects.csv"
+        writer = TableWriter(rejects_file, data.rejects.iloc[:0])
+        writer.write(data.rejects)
+        writer.commit()
+    metrics_doc = {
+        "validation": validation.metrics,
+        "holdout": holdout_eval.metrics if holdout_eval else None,
+        "champion_on_holdout": champion_holdout,
+        "promotion": asdict(decision),
+        "data": {
+            "sources": [asdict(s) for s in data.sources],
+            "fingerprint": fingerprint,
+            "warnings": dict(data.warnings),
+        },
+        "model": {
+            "trees": clf.n_trees_,
+            "cv_best_iterations": clf.best_iterations_,
+            "calibration_slope": clf.calibration_slope_,
+            "calibration_intercept": clf.calibration_intercept_,
+            "fit_seconds": fit_seconds,
+        },
+    }
+    metrics_file = write_json_atomic(output_dir / "metrics.json", metrics_doc)
+    report = output_dir / "report.html"
+
+    params: dict[str, Any] = {
+        **{f"lightgbm_{k}": v for k, v in settings.lightgbm.model_dump().items()},
+        "cv_folds": settings.cv_folds,
+        "early_stopping_fraction": settings.early_stopping_fraction,
+        "holdout_fraction": settings.holdout_fraction,
+        "cost_missed_backorder": settings.cost_missed_backorder,
+        "cost_false_alarm": settings.cost_false_alarm,
+        "random_seed": settings.random_seed,
+        "trees": clf.n_trees_,
+        "inputs": ",".join(str(u) for u in uris),
+    }
+    mlflow_metrics = {f"validation_{k}": v for k, v in flat_metrics(validation.metrics).items()}
+    if holdout_eval:
+        mlflow_metrics |= {f"holdout_{k}": v for k, v in flat_metrics(holdout_eval.metrics).items()}
+    mlflow_metrics["fit_seconds"] = fit_seconds
+    tags = {
+        "data_rows": str(fingerprint["rows"]),
+        "data_sha256": str(fingerprint["sha256"]),
+        "promotion": decision.reason,
+    }
+    # The report names the version, so register first, then write and attach the report.
+    run_id, version = registry.log_training_run(
+        pipeline, metadata, params, mlflow_metrics, tags, artifacts=[]
+    )
+    html = _training_report(
+        version,
+        data,
+        fingerprint,
+        clf,
+        fit_seconds,
+        validation,
+        holdout_eval,
+        champion_holdout,
+        decision,
+        train_rows,
+        pipeline,
+    )
+    write_text_atomic(report, html)
+    registry.client.log_artifact(run_id, str(report))
+    registry.client.log_artifact(run_id, str(metrics_file))
+    registry.set_challenger(version)
+    if decision.promoted:
+        registry.promote(version)
+    say(f"registered model version {version}; {decision.reason}")
+    return TrainingOutcome(
+        version=version,
+        run_id=run_id,
+        promoted=decision.promoted,
+        decision=decision,
+        output_dir=output_dir,
+        report=report,
+        metrics_file=metrics_file,
+        rejects_file=rejects_file,
+        validation=validation.metrics,
+        holdout=holdout_eval.metrics if holdout_eval else None,
+        data=data,
+        fit_seconds=fit_seconds,
+    )
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = (
+        "n_rows",
+        "n_positive",
+        "roc_auc",
+        "average_precision",
+        "brier",
+        "recall",
+        "precision",
+        "expected_cost",
+    )
+    return {k: metrics.get(k) for k in keys}
+
+
+def _training_report(
+    version: str,
+    data: LabelledData,
+    fingerprint: dict[str, Any],
+    clf: Any,
+    fit_seconds: float,
+    validation: Evaluation,
+    holdout: Evaluation | None,
+    champion: dict[str, Any] | None,
+    decision: PromotionDecision,
+    train_rows: pd.DataFrame,
+    pipeline: Any,
+) -> str:
+    features = pipeline.steps[0][1].transform(train_rows.head(20_000))
+    contribution = clf.contributions(features).drop(columns="baseline").abs().mean()
+    sources = pd.DataFrame([asdict(s) for s in data.sources])
+    body = "<h2>Inputs</h2>" + table(sources)
+    if data.warnings:
+        body += table(pd.DataFrame(sorted(data.warnings.items()), columns=["warning", "rows"]))
+    body += (
+        "<h2>Validation (out-of-fold, training rows)</h2>"
+        '<p class="note">Each probability comes from a model that did not see the row.</p>'
+        + evaluation_sections(
+            validation,
+            train_rows,
+            clf.feature_importance(),
+            contribution.sort_values(ascending=False),
+        )
+    )
+    body += "<h2>Promotion</h2>" + f"<p>{decision.reason}</p>"
+    if holdout is not None:
+        rows = [{"model": f"challenger v{version}", **decision.challenger}]
+        if champion is not None:
+            rows.append(
+                {
+                    "model": f"champion v{decision.champion_version}",
+                    "average_precision": champion["average_precision"],
+                    "roc_auc": champion["roc_auc"],
+                }
+            )
+        body += table(pd.DataFrame(rows))
+        body += (
+            f'<p class="note">On the promotion holdout: {holdout.metrics["n_rows"]:,} rows, '
+            f"{holdout.metrics['n_positive']:,} backorders, never trained on.</p>"
+        )
+    intro = [
+        ("model version", version),
+        ("trained rows", f"{len(train_rows):,}"),
+        ("data fingerprint", f"{fingerprint['rows']:,} rows, sha256 {fingerprint['sha256'][:16]}…"),
+        ("trees", clf.n_trees_),
+        ("cross-validation best iterations", ", ".join(map(str, clf.best_iterations_))),
+        (
+            "calibration (Platt)",
+            f"slope {clf.calibration_slope_:.3f}, intercept {clf.calibration_intercept_:.3f}",
+        ),
+        ("decision threshold", f"{clf.decision_threshold_:.4f}"),
+        ("fit time", f"{fit_seconds:.1f} s"),
+    ]
+    return render(f"Training report: backorder model v{version}", intro, body)
