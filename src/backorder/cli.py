@@ -27,8 +27,9 @@ app = typer.Typer(
 models_app = typer.Typer(no_args_is_help=True, help="List, promote and roll back model versions.")
 app.add_typer(models_app, name="models")
 
-err = Console(stderr=True)
-out = Console()
+# soft_wrap: long paths and summaries stay on one line, so logs can be grepped.
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 T = TypeVar("T")
 
 ConfigOption = Annotated[
@@ -155,10 +156,14 @@ def predict(
     config: ConfigOption = None,
 ) -> None:
     """Score a batch: every row is scored or written to the rejects file with its reason."""
+    from backorder.data import check_inputs
     from backorder.predict import predict_file
     from backorder.registry import Registry
 
     settings = _settings(config)
+    _guard(
+        lambda: check_inputs([input], require_label=False, block_bytes=settings.read_block_bytes)
+    )
     loaded = _guard(lambda: Registry(settings).load(model))
     with _reading_progress() as on_chunk:
         summary = _guard(

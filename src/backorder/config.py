@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -23,18 +23,33 @@ from backorder.errors import ConfigError
 
 
 class LightGBMSettings(BaseModel):
-    """Booster hyper-parameters; the number of trees is found by early stopping."""
+    """Booster hyper-parameters; the number of trees is found by early stopping.
 
-    learning_rate: float = Field(0.02, gt=0, le=1)
-    num_leaves: int = Field(31, ge=2)
-    min_child_samples: int = Field(50, ge=1)
-    subsample: float = Field(0.8, gt=0, le=1)
+    Defaults come from an Optuna search confirmed with repeated stratified 5-fold CV on the
+    168,786-row sample (see README, "Model"): as good as a plain LightGBM, steadier, and half
+    the trees.
+    """
+
+    learning_rate: float = Field(0.022, gt=0, le=1)
+    num_leaves: int = Field(98, ge=2)
+    max_depth: int = Field(
+        8, ge=-1, description="Caps tree depth (-1: none); exact per-row reasons cost ~depth^2."
+    )
+    min_child_samples: int = Field(20, ge=1)
+    min_child_weight: float = Field(0.2, ge=0)
+    subsample: float = Field(0.66, gt=0, le=1)
     subsample_freq: int = Field(1, ge=0)
-    colsample_bytree: float = Field(0.7, gt=0, le=1)
-    reg_lambda: float = Field(1.0, ge=0)
+    colsample_bytree: float = Field(0.8, gt=0, le=1)
+    reg_lambda: float = Field(1.3, ge=0)
+    path_smooth: float = Field(16.0, ge=0, description="Shrinks small leaves toward their parent.")
+    min_split_gain: float = Field(0.006, ge=0)
     max_trees: int = Field(3000, ge=1, description="Upper bound; early stopping picks fewer.")
     early_stopping_rounds: int = Field(200, ge=1)
-    n_jobs: int = Field(2, ge=1, description="Threads; this product is sized for 2 cores.")
+    n_jobs: int = Field(
+        2,
+        ge=1,
+        description="Threads. Never more than free cores: oversubscribed, LightGBM slows ~20x.",
+    )
 
 
 class Settings(BaseSettings):
@@ -72,6 +87,13 @@ class Settings(BaseSettings):
         description="risk_band is 'medium' from this fraction of the decision threshold upwards.",
     )
     reasons_per_row: int = Field(3, ge=1, le=10)
+    reasons_for: Literal["all", "watchlist", "none"] = Field(
+        "watchlist",
+        description=(
+            "Batch rows that get reasons: 'watchlist' = medium and high risk bands. Exact "
+            "contributions cost ~100x a prediction, and planners read them for flagged SKUs."
+        ),
+    )
 
     cv_folds: int = Field(5, ge=2, description="Stratified folds for out-of-fold validation.")
     early_stopping_fraction: float = Field(
@@ -98,7 +120,8 @@ class Settings(BaseSettings):
     read_block_bytes: int = Field(
         8 << 20, ge=1 << 16, description="CSV bytes parsed per chunk when streaming."
     )
-    lightgbm: LightGBMSettings = Field(default_factory=lambda: LightGBMSettings())
+    # A lambda, not the class, so that mypy's pydantic plugin sees a zero-argument factory.
+    lightgbm: LightGBMSettings = Field(default_factory=lambda: LightGBMSettings())  # noqa: PLW0108
 
     @model_validator(mode="after")
     def _budgets_are_shares(self) -> Settings:

@@ -128,7 +128,7 @@ FOOTER_REASON = "row-count footer such as '(N rows)', not a data row"
 
 
 def _finite(series: pd.Series) -> pd.Series:
-    return ~np.isinf(series.to_numpy(dtype="float64"))
+    return pd.Series(~np.isinf(series.to_numpy(dtype="float64")), index=series.index)
 
 
 def _perf_in_range(series: pd.Series) -> pd.Series:
@@ -278,7 +278,13 @@ def validate_chunk(raw: pd.DataFrame, require_label: bool) -> ValidatedChunk:
         _SCHEMAS[require_label].validate(typed, lazy=True)
     except SchemaErrors as exc:
         cases = exc.failure_cases
-        cases = cases[cases["index"].notna()]
+        whole_column = cases[cases["index"].isna()]
+        if len(whole_column):  # a check that failed to run is a bug, never a row problem
+            first = whole_column.iloc[0]
+            raise RuntimeError(
+                f"contract check {first['check']} on {first['column']} failed: "
+                f"{first['failure_case']}"
+            ) from None
         for raw_row, column, check, value in zip(
             cases["index"], cases["column"], cases["check"], cases["failure_case"], strict=True
         ):
@@ -343,10 +349,10 @@ def contract_markdown() -> str:
             allowed = "Yes / No or 1 / 0"
         elif c.kind == "id":
             allowed = "any text"
-        elif c.minimum is not None or c.maximum is not None:
-            low = "-inf" if c.minimum is None else f"{c.minimum:g}"
-            high = "+inf" if c.maximum is None else f"{c.maximum:g}"
-            allowed = f"finite number in [{low}, {high}]"
+        elif c.minimum is not None and c.maximum is not None:
+            allowed = f"finite number in [{c.minimum:g}, {c.maximum:g}]"
+        elif c.minimum is not None:
+            allowed = f"finite number >= {c.minimum:g}"
         else:
             allowed = "finite number" + (
                 " (expected >= 0)" if c.name in NON_NEGATIVE_QUANTITIES else ""

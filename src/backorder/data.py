@@ -46,6 +46,13 @@ def validated_chunks(
         yield Chunk(checked.rows, rejects, raw.n_rows, checked.warnings)
 
 
+def check_inputs(uris: Sequence[str | Path], require_label: bool, block_bytes: int) -> None:
+    """Fail fast on whole-file problems (missing, unreadable, wrong shape) before any work."""
+    required = list(FEATURE_COLUMNS) + ([LABEL] if require_label else [])
+    for uri in uris:
+        InputTable(uri, block_bytes=block_bytes).require(required)
+
+
 @dataclass
 class SourceSummary:
     uri: str

@@ -10,12 +10,12 @@ from typing import Any
 import pandas as pd
 
 from backorder.config import Settings
-from backorder.data import ChunkProgress, load_labelled
+from backorder.data import ChunkProgress, check_inputs, load_labelled
 from backorder.io import TableWriter, write_json_atomic, write_text_atomic
 from backorder.metrics import evaluate_predictions
 from backorder.model import backorder_probability, classifier_of
 from backorder.registry import CHAMPION, Registry
-from backorder.report import evaluation_sections, render, table
+from backorder.report import CONTRIBUTION_SAMPLE, evaluation_sections, render, table
 
 Say = Callable[[str], None]
 
@@ -36,6 +36,7 @@ def run_evaluation(
     say: Say = lambda _msg: None,
     on_chunk: ChunkProgress | None = None,
 ) -> EvaluationOutcome:
+    check_inputs(uris, require_label=True, block_bytes=settings.read_block_bytes)
     model = Registry(settings).load(model_ref)
     say(f"evaluating model v{model.version}")
     data = load_labelled(uris, settings.read_block_bytes, on_chunk=on_chunk)
@@ -68,7 +69,9 @@ def run_evaluation(
         "reliability": ev.reliability.to_dict(orient="records"),
     }
     metrics_file = write_json_atomic(output_dir / "metrics.json", metrics)
-    features = model.pipeline.steps[0][1].transform(rows.head(20_000))
+    features = model.pipeline.steps[0][1].transform(
+        rows.sample(min(len(rows), CONTRIBUTION_SAMPLE), random_state=0)
+    )
     contribution = clf.contributions(features).drop(columns="baseline").abs().mean()
     intro = [
         ("model version", model.version),

@@ -120,10 +120,14 @@ class InputTable:
 
     def _gunzip_prefix(self, head: bytes) -> bytes:
         # Decompress only what the sniffed bytes hold; the stream may continue past them.
+        decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
         try:
-            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, SNIFF_BYTES)
+            text = decompressor.decompress(head, SNIFF_BYTES)
         except zlib.error:
             raise InputFileError(f"{self.uri}: gzip data is corrupt") from None
+        if len(head) == self.size_bytes and not decompressor.eof and len(text) < SNIFF_BYTES:
+            raise InputFileError(f"{self.uri}: cannot be read (gzip data is truncated)")
+        return text
 
     def _open_parquet(self) -> None:
         try:
@@ -161,7 +165,7 @@ class InputTable:
         self.raw_columns = header
         body = text[len(header_line) :].strip("\r\n")
         self.total_rows = None
-        if not body and len(head) < SNIFF_BYTES:
+        if not body and not self.compressed and self.size_bytes <= SNIFF_BYTES:
             raise InputFileError(f"{self.uri}: has a header but no data rows")
 
     def _check_columns(self) -> None:
@@ -273,6 +277,8 @@ class InputTable:
                 frame.columns = self.columns
                 frame.index = pd.Index(numbers)
                 yield RawChunk(frame, broken)
+            if not pending and next_row == 1:
+                raise InputFileError(f"{self.uri}: has a header but no data rows")
             if pending:
                 yield RawChunk(
                     pd.DataFrame(columns=self.columns, dtype="string"),

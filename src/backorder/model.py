@@ -216,11 +216,15 @@ def build_pipeline(settings: Settings, progress: Progress | None = None) -> Pipe
     booster_params = {
         "learning_rate": gbm.learning_rate,
         "num_leaves": gbm.num_leaves,
+        "max_depth": gbm.max_depth,
         "min_child_samples": gbm.min_child_samples,
         "bagging_fraction": gbm.subsample,
         "bagging_freq": gbm.subsample_freq,
         "feature_fraction": gbm.colsample_bytree,
         "lambda_l2": gbm.reg_lambda,
+        "min_sum_hessian_in_leaf": gbm.min_child_weight,
+        "path_smooth": gbm.path_smooth,
+        "min_gain_to_split": gbm.min_split_gain,
         "num_threads": gbm.n_jobs,
     }
     return Pipeline(

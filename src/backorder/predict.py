@@ -53,24 +53,41 @@ def risk_band(probability: np.ndarray, threshold: float, watchlist_fraction: flo
     )
 
 
-def score_rows(model: LoadedModel, rows: pd.DataFrame, settings: Settings) -> pd.DataFrame:
-    """Probabilities, decisions, risk bands and reasons for validated rows."""
+def score_rows(
+    model: LoadedModel, rows: pd.DataFrame, settings: Settings, reasons_for: str | None = None
+) -> pd.DataFrame:
+    """Probabilities, decisions, risk bands and reasons for validated rows.
+
+    ``reasons_for`` ('all', 'watchlist' or 'none'; default from settings) says which rows get
+    reasons; the others carry empty reason columns.
+    """
     features = model.pipeline.steps[0][1].transform(rows)
     clf = classifier_of(model.pipeline)
-    contributions = clf.contributions(features)
-    # Contributions sum to the calibrated log-odds, so one tree walk gives both.
-    probability = 1.0 / (1.0 + np.exp(-contributions.to_numpy().sum(axis=1)))
+    probability = 1.0 / (1.0 + np.exp(-clf.log_odds(features)))
     threshold = clf.decision_threshold_
+    band = risk_band(probability, threshold, settings.watchlist_fraction)
     out = pd.DataFrame(index=rows.index)
     out[ROW_NUMBER] = rows.index.to_numpy(dtype="int64")
     out[SKU] = rows[SKU].astype("string") if SKU in rows.columns else pd.NA
     out[SKU] = out[SKU].astype("string")
     out["backorder_probability"] = probability
     out["will_backorder"] = probability >= threshold
-    out["risk_band"] = pd.array(
-        risk_band(probability, threshold, settings.watchlist_fraction), dtype="string"
+    out["risk_band"] = pd.array(band, dtype="string")
+    scope = reasons_for or settings.reasons_for
+    explained = {
+        "all": np.ones(len(rows), bool),
+        "watchlist": band != "low",
+        "none": np.zeros(len(rows), bool),
+    }[scope]
+    names = [f"reason_{i + 1}" for i in range(settings.reasons_per_row)]
+    reasons = pd.DataFrame(
+        {n: pd.array([None] * len(rows), dtype="string") for n in names}, index=rows.index
     )
-    reasons = reason_columns(contributions, features, settings.reasons_per_row)
+    if explained.any():
+        subset = features.loc[explained]
+        reasons.loc[explained, names] = reason_columns(
+            clf.contributions(subset), subset, settings.reasons_per_row
+        ).to_numpy()
     out = pd.concat([out, reasons], axis=1)
     out["model_version"] = pd.array([model.version] * len(out), dtype="string")
     return out

@@ -9,6 +9,7 @@ of past champions, so ``rollback`` can restore the previous one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -20,13 +21,16 @@ from backorder.errors import ModelNotFoundError
 
 # Offline by default: no usage telemetry leaves the machine.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow's database-migration chatter is not news to a planner.
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
-import mlflow
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
-from sklearn.pipeline import Pipeline
+import mlflow  # noqa: E402  (the environment above must be set before MLflow is imported)
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from sklearn.pipeline import Pipeline  # noqa: E402
 
-from backorder.model import load_pipeline, save_pipeline
+from backorder.model import load_pipeline, save_pipeline  # noqa: E402
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -185,7 +189,9 @@ class Registry:
         except MlflowException:
             return []
         rows = []
-        for mv in sorted(found, key=lambda v: int(v.version)):
+        for found_version in sorted(found, key=lambda v: int(v.version)):
+            # Search results omit aliases; a direct lookup has them.
+            mv = self.client.get_model_version(self.name, found_version.version)
             run = self.client.get_run(mv.run_id) if mv.run_id else None
             metrics = run.data.metrics if run else {}
             rows.append(

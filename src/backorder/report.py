@@ -17,6 +17,9 @@ import pandas as pd
 
 from backorder.metrics import Evaluation, curves, stock_rule_flags
 
+# Rows used for the mean-|contribution| plot: exact contributions cost ~100x a prediction.
+CONTRIBUTION_SAMPLE = 2_000
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;
 max-width:1100px;color:#1d2330;line-height:1.45}
@@ -32,12 +35,12 @@ th{background:#f3f5fa}td:first-child,th:first-child{text-align:left}
 """
 
 
-def _png(fig: plt.Figure) -> str:
+def _png(fig: plt.Figure, alt: str) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<img alt="plot" src="data:image/png;base64,{encoded}">'
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
 
 
 def _fmt(value: Any) -> str:
@@ -82,7 +85,7 @@ def _roc_plot(ev: Evaluation, rows: pd.DataFrame) -> str:
     ax.plot([0, 1], [0, 1], ls=":", color="grey", label="chance")
     ax.set(xlabel="false-alarm rate", ylabel="share of backorders caught", title="ROC")
     ax.legend(loc="lower right")
-    return _png(fig)
+    return _png(fig, "ROC curve")
 
 
 def _pr_plot(ev: Evaluation) -> str:
@@ -101,7 +104,7 @@ def _pr_plot(ev: Evaluation) -> str:
         )
     ax.set(xlabel="recall", ylabel="precision", title="Precision–recall", ylim=(0, 1.02))
     ax.legend(loc="upper right")
-    return _png(fig)
+    return _png(fig, "Precision-recall curve")
 
 
 def _reliability_plot(ev: Evaluation) -> str:
@@ -123,7 +126,7 @@ def _reliability_plot(ev: Evaluation) -> str:
         title="Reliability",
     )
     ax.legend(loc="upper left")
-    return _png(fig)
+    return _png(fig, "Reliability curve (calibration)")
 
 
 def _cost_plot(ev: Evaluation) -> str:
@@ -137,7 +140,7 @@ def _cost_plot(ev: Evaluation) -> str:
     ax.axvline(ev.metrics["threshold"], ls=":", color="black", label="chosen threshold")
     ax.set(xscale="log", xlabel="threshold", ylabel="expected cost", title="Cost vs threshold")
     ax.legend(loc="upper right", fontsize=8)
-    return _png(fig)
+    return _png(fig, "Cost vs threshold")
 
 
 def _importance_plot(importance: pd.Series, title: str) -> str:
@@ -145,7 +148,7 @@ def _importance_plot(importance: pd.Series, title: str) -> str:
     fig, ax = plt.subplots(figsize=(5, 5.5))
     ax.barh(top.index, top.to_numpy() / max(top.sum(), 1e-12))
     ax.set(xlabel="share of total", title=title)
-    return _png(fig)
+    return _png(fig, title)
 
 
 def evaluation_sections(
@@ -200,7 +203,9 @@ def evaluation_sections(
     )
     importance_plots = _importance_plot(importance, "Feature importance (gain)")
     if contribution is not None:
-        importance_plots += _importance_plot(contribution, "Mean |contribution| to log-odds")
+        importance_plots += _importance_plot(
+            contribution, f"Mean |contribution| to log-odds ({CONTRIBUTION_SAMPLE:,}-row sample)"
+        )
     return f"""
 <div class="kpi">{kpis}</div>
 <h2>Decision and alert budgets</h2>

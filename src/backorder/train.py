@@ -22,12 +22,18 @@ import pandas as pd
 from backorder import __version__
 from backorder.config import Settings
 from backorder.contract import LABEL
-from backorder.data import ChunkProgress, LabelledData, feature_hash, load_labelled
+from backorder.data import (
+    ChunkProgress,
+    LabelledData,
+    check_inputs,
+    feature_hash,
+    load_labelled,
+)
 from backorder.io import TableWriter, write_json_atomic, write_text_atomic
 from backorder.metrics import Evaluation, evaluate_predictions, flat_metrics
 from backorder.model import backorder_probability, build_pipeline, classifier_of
 from backorder.registry import Registry
-from backorder.report import evaluation_sections, render, table
+from backorder.report import CONTRIBUTION_SAMPLE, evaluation_sections, render, table
 
 HASH_BUCKETS = 10_000
 
@@ -128,6 +134,7 @@ def run_training(
 ) -> TrainingOutcome:
     started = datetime.now(UTC)
     output_dir = output_dir or settings.home / "runs" / f"train-{started:%Y%m%dT%H%M%SZ}"
+    check_inputs(uris, require_label=True, block_bytes=settings.read_block_bytes)
     say(f"reading {len(uris)} labelled input(s)")
     data = load_labelled(uris, settings.read_block_bytes, on_chunk=on_chunk)
     for s in data.sources:
@@ -315,7 +322,9 @@ def _training_report(
     train_rows: pd.DataFrame,
     pipeline: Any,
 ) -> str:
-    features = pipeline.steps[0][1].transform(train_rows.head(20_000))
+    features = pipeline.steps[0][1].transform(
+        train_rows.sample(min(len(train_rows), CONTRIBUTION_SAMPLE), random_state=0)
+    )
     contribution = clf.contributions(features).drop(columns="baseline").abs().mean()
     sources = pd.DataFrame([asdict(s) for s in data.sources])
     body = "<h2>Inputs</h2>" + table(sources)
