@@ -223,3 +223,20 @@ def test_contract_command_prints_the_table() -> None:
     result = run_cli("contract", home=Path("/nonexistent"))
     assert result.returncode == 0
     assert "| `lead_time` | number |" in result.stdout
+
+
+def test_unwritable_output_is_one_line(tmp_path: Path, trained_home: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "p.parquet").mkdir()  # a folder where the output file should go
+    result = run_cli(
+        "predict",
+        "--input",
+        str(SAMPLE / "new_batch.csv.gz"),
+        "--output",
+        str(locked / "p.parquet"),
+        home=trained_home,
+    )
+    assert result.returncode == 1
+    assert "p.parquet" in one_line_error(result.stderr)
+    assert sorted(p.name for p in locked.iterdir()) == ["p.parquet"]  # no temp files left

@@ -54,6 +54,9 @@ def _guard(action: Callable[[], T]) -> T:
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted; no partial output was kept", 130)
+    except OSError as exc:  # e.g. an output folder that is not writable
+        where = exc.filename or "file system"
+        _fail(f"{where}: {exc.strerror or exc}", 1)
     raise AssertionError("unreachable")
 
 
@@ -112,8 +115,7 @@ def train(
     out.print(f"promotion: {outcome.decision.reason}", highlight=False)
     out.print(f"report:  {outcome.report}", highlight=False)
     out.print(f"metrics: {outcome.metrics_file}", highlight=False)
-    if outcome.rejects_file:
-        out.print(f"rejects: {outcome.rejects_file}", highlight=False)
+    out.print(f"rejects: {outcome.rejects_file}", highlight=False)
 
 
 @app.command()
@@ -139,8 +141,7 @@ def evaluate(
     )
     out.print(f"report:  {outcome.report}", highlight=False)
     out.print(f"metrics: {outcome.metrics_file}", highlight=False)
-    if outcome.rejects_file:
-        out.print(f"rejects: {outcome.rejects_file}", highlight=False)
+    out.print(f"rejects: {outcome.rejects_file}", highlight=False)
 
 
 @app.command()

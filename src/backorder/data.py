@@ -11,7 +11,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from backorder.contract import FEATURE_COLUMNS, LABEL, ValidatedChunk, validate_chunk
+from backorder.contract import (
+    FEATURE_COLUMNS,
+    LABEL,
+    REASON,
+    ROW_NUMBER,
+    ValidatedChunk,
+    validate_chunk,
+)
 from backorder.io import InputTable, broken_rows_frame
 
 ChunkProgress = Callable[[InputTable], None]
@@ -133,5 +140,15 @@ def load_labelled(
     combined = pd.concat(frames, ignore_index=False)
     if "sku" in combined.columns:
         combined["sku"] = combined["sku"].astype("string")
-    all_rejects = pd.concat(rejects, ignore_index=True) if rejects else pd.DataFrame()
+    all_rejects = (
+        pd.concat(rejects, ignore_index=True)
+        if rejects
+        else pd.DataFrame(
+            {
+                ROW_NUMBER: pd.Series(dtype="int64"),
+                REASON: pd.Series(dtype="string"),
+                "source": pd.Series(dtype="string"),
+            }
+        )
+    )
     return LabelledData(combined, all_rejects, sources, warnings)

@@ -11,11 +11,11 @@ import pandas as pd
 
 from backorder.config import Settings
 from backorder.data import ChunkProgress, check_inputs, load_labelled
-from backorder.io import TableWriter, write_json_atomic, write_text_atomic
+from backorder.io import write_json_atomic, write_table_atomic, write_text_atomic
 from backorder.metrics import evaluate_predictions
 from backorder.model import backorder_probability, classifier_of
 from backorder.registry import CHAMPION, Registry
-from backorder.report import CONTRIBUTION_SAMPLE, evaluation_sections, render, table
+from backorder.report import evaluation_sections, render, table
 
 Say = Callable[[str], None]
 
@@ -25,7 +25,7 @@ class EvaluationOutcome:
     metrics: dict[str, Any]
     metrics_file: Path
     report: Path
-    rejects_file: Path | None
+    rejects_file: Path
 
 
 def run_evaluation(
@@ -53,12 +53,8 @@ def run_evaluation(
         settings.alert_budgets,
     )
     output_dir.mkdir(parents=True, exist_ok=True)
-    rejects_file = None
-    if len(data.rejects):
-        rejects_file = output_dir / "rejects.csv"
-        writer = TableWriter(rejects_file, data.rejects.iloc[:0])
-        writer.write(data.rejects)
-        writer.commit()
+    # Always written, even empty, so that a re-run never leaves an earlier run's rejects behind.
+    rejects_file = write_table_atomic(output_dir / "rejects.csv", data.rejects)
     metrics = {
         **ev.metrics,
         "model_version": model.version,
@@ -69,10 +65,6 @@ def run_evaluation(
         "reliability": ev.reliability.to_dict(orient="records"),
     }
     metrics_file = write_json_atomic(output_dir / "metrics.json", metrics)
-    features = model.pipeline.steps[0][1].transform(
-        rows.sample(min(len(rows), CONTRIBUTION_SAMPLE), random_state=0)
-    )
-    contribution = clf.contributions(features).drop(columns="baseline").abs().mean()
     intro = [
         ("model version", model.version),
         ("trained at", model.metadata.get("trained_at")),
@@ -80,9 +72,7 @@ def run_evaluation(
         ("rows evaluated", f"{len(rows):,}"),
         ("rows rejected", f"{len(data.rejects):,}"),
     ]
-    body = evaluation_sections(
-        ev, rows, clf.feature_importance(), contribution.sort_values(ascending=False)
-    )
+    body = evaluation_sections(ev, rows, model.pipeline)
     if data.warnings:
         body += table(pd.DataFrame(sorted(data.warnings.items()), columns=["warning", "rows"]))
     report = write_text_atomic(

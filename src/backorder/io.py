@@ -372,11 +372,27 @@ class TableWriter:
 
     def commit(self) -> None:
         self._close()
-        os.replace(self.temp, self.target)
+        try:
+            os.replace(self.temp, self.target)
+        except OSError:
+            self.temp.unlink(missing_ok=True)
+            raise
 
     def abort(self) -> None:
         self._close()
         self.temp.unlink(missing_ok=True)
+
+
+def write_table_atomic(path: str | Path, frame: pd.DataFrame) -> Path:
+    """Write a whole table (Parquet or CSV, by extension) atomically."""
+    writer = TableWriter(path, frame.iloc[:0])
+    try:
+        writer.write(frame)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.commit()
+    return writer.target
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

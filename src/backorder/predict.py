@@ -166,10 +166,11 @@ def predict_file(
                 f"row counts do not reconcile: read {summary.read}, scored {summary.scored}, "
                 f"rejected {summary.rejected}"
             )
+        predictions.commit()
+        quarantine.commit()
     except BaseException:
+        # abort() after a commit only removes a leftover temporary file.
         predictions.abort()
         quarantine.abort()
         raise
-    predictions.commit()
-    quarantine.commit()
     return summary

@@ -14,8 +14,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from sklearn.pipeline import Pipeline
 
 from backorder.metrics import Evaluation, curves, stock_rule_flags
+from backorder.model import classifier_of
 
 # Rows used for the mean-|contribution| plot: exact contributions cost ~100x a prediction.
 CONTRIBUTION_SAMPLE = 2_000
@@ -151,10 +153,19 @@ def _importance_plot(importance: pd.Series, title: str) -> str:
     return _png(fig, title)
 
 
-def evaluation_sections(
-    ev: Evaluation, rows: pd.DataFrame, importance: pd.Series, contribution: pd.Series | None
-) -> str:
+def mean_abs_contribution(pipeline: Pipeline, rows: pd.DataFrame) -> pd.Series:
+    """Mean |contribution| per feature on a fixed random sample of ``rows``."""
+    sample = rows.sample(min(len(rows), CONTRIBUTION_SAMPLE), random_state=0)
+    features = pipeline.steps[0][1].transform(sample)
+    contributions = classifier_of(pipeline).contributions(features).drop(columns="baseline")
+    return contributions.abs().mean().sort_values(ascending=False)
+
+
+def evaluation_sections(ev: Evaluation, rows: pd.DataFrame, pipeline: Pipeline) -> str:
+    """Headline figures, decisions, curves, calibration, drivers and segments of one evaluation."""
     m = ev.metrics
+    importance = classifier_of(pipeline).feature_importance()
+    contribution = mean_abs_contribution(pipeline, rows)
     kpis = "".join(
         f"<div>{label}<b>{_fmt(value)}</b></div>"
         for label, value in [
@@ -202,10 +213,9 @@ def evaluation_sections(
         ]
     )
     importance_plots = _importance_plot(importance, "Feature importance (gain)")
-    if contribution is not None:
-        importance_plots += _importance_plot(
-            contribution, f"Mean |contribution| to log-odds ({CONTRIBUTION_SAMPLE:,}-row sample)"
-        )
+    importance_plots += _importance_plot(
+        contribution, f"Mean |contribution| to log-odds ({CONTRIBUTION_SAMPLE:,}-row sample)"
+    )
     return f"""
 <div class="kpi">{kpis}</div>
 <h2>Decision and alert budgets</h2>

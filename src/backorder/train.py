@@ -29,11 +29,11 @@ from backorder.data import (
     feature_hash,
     load_labelled,
 )
-from backorder.io import TableWriter, write_json_atomic, write_text_atomic
+from backorder.io import write_json_atomic, write_table_atomic, write_text_atomic
 from backorder.metrics import Evaluation, evaluate_predictions, flat_metrics
 from backorder.model import backorder_probability, build_pipeline, classifier_of
 from backorder.registry import Registry
-from backorder.report import CONTRIBUTION_SAMPLE, evaluation_sections, render, table
+from backorder.report import evaluation_sections, render, table
 
 HASH_BUCKETS = 10_000
 
@@ -104,7 +104,7 @@ class TrainingOutcome:
     output_dir: Path
     report: Path
     metrics_file: Path
-    rejects_file: Path | None
+    rejects_file: Path
     validation: dict[str, Any]
     holdout: dict[str, Any] | None
     data: LabelledData
@@ -208,12 +208,8 @@ def run_training(
         "watchlist_fraction": settings.watchlist_fraction,
     }
     output_dir.mkdir(parents=True, exist_ok=True)
-    rejects_file = None
-    if len(data.rejects):
-        rejects_file = output_dir / "rejects.csv"
-        writer = TableWriter(rejects_file, data.rejects.iloc[:0])
-        writer.write(data.rejects)
-        writer.commit()
+    # Always written, even empty, so that a re-run never leaves an earlier run's rejects behind.
+    rejects_file = write_table_atomic(output_dir / "rejects.csv", data.rejects)
     metrics_doc = {
         "validation": validation.metrics,
         "holdout": holdout_eval.metrics if holdout_eval else None,
@@ -322,10 +318,6 @@ def _training_report(
     train_rows: pd.DataFrame,
     pipeline: Any,
 ) -> str:
-    features = pipeline.steps[0][1].transform(
-        train_rows.sample(min(len(train_rows), CONTRIBUTION_SAMPLE), random_state=0)
-    )
-    contribution = clf.contributions(features).drop(columns="baseline").abs().mean()
     sources = pd.DataFrame([asdict(s) for s in data.sources])
     body = "<h2>Inputs</h2>" + table(sources)
     if data.warnings:
@@ -333,12 +325,7 @@ def _training_report(
     body += (
         "<h2>Validation (out-of-fold, training rows)</h2>"
         '<p class="note">Each probability comes from a model that did not see the row.</p>'
-        + evaluation_sections(
-            validation,
-            train_rows,
-            clf.feature_importance(),
-            contribution.sort_values(ascending=False),
-        )
+        + evaluation_sections(validation, train_rows, pipeline)
     )
     body += "<h2>Promotion</h2>" + f"<p>{decision.reason}</p>"
     if holdout is not None:
