@@ -67,10 +67,6 @@ class RawChunk:
         return len(self.frame) + len(self.broken)
 
 
-def _display(uri: str) -> str:
-    return str(uri)
-
-
 def _canonical(name: str) -> str:
     return name.replace("\ufeff", "").strip().strip('"').strip().lower()
 
@@ -131,11 +127,14 @@ class InputTable:
 
     def _open_parquet(self) -> None:
         try:
-            self._parquet = pq.ParquetFile(self._fs.open(self._path, "rb"))
+            with self._fs.open(self._path, "rb") as handle:
+                parquet = pq.ParquetFile(handle)
+                self.raw_columns = list(parquet.schema_arrow.names)
+                self.total_rows: int | None = parquet.metadata.num_rows
         except (pa.ArrowException, OSError) as exc:
-            raise InputFileError(f"{self.uri}: not a readable Parquet file ({exc})") from None
-        self.raw_columns = list(self._parquet.schema_arrow.names)
-        self.total_rows: int | None = self._parquet.metadata.num_rows
+            raise InputFileError(
+                f"{self.uri}: not a readable Parquet file ({_first_line(exc)})"
+            ) from None
         if self.total_rows == 0:
             raise InputFileError(f"{self.uri}: Parquet file has no rows")
 
@@ -214,17 +213,20 @@ class InputTable:
         return BrokenRow(line - 1, f"has {fields} field(s), expected {expected}", text)
 
     def _parquet_chunks(self) -> Iterator[RawChunk]:
-        rows_seen = 0
         batch_rows = max(10_000, self.block_bytes // 100)
+        rows_seen = 0
         try:
-            for batch in self._parquet.iter_batches(batch_size=batch_rows):
-                frame = batch.to_pandas()
-                frame.columns = self.columns
-                frame.index = pd.RangeIndex(rows_seen + 1, rows_seen + 1 + len(frame))
-                rows_seen += len(frame)
-                yield RawChunk(frame)
+            with self._fs.open(self._path, "rb") as handle:
+                for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_rows):
+                    frame = batch.to_pandas()
+                    frame.columns = self.columns
+                    frame.index = pd.RangeIndex(rows_seen + 1, rows_seen + 1 + len(frame))
+                    rows_seen += len(frame)
+                    yield RawChunk(frame)
         except (pa.ArrowException, OSError) as exc:
-            raise InputFileError(f"{self.uri}: Parquet data is corrupt ({exc})") from None
+            raise InputFileError(
+                f"{self.uri}: Parquet data is corrupt ({_first_line(exc)})"
+            ) from None
 
     def _csv_chunks(self) -> Iterator[RawChunk]:
         expected = len(self.raw_columns)
