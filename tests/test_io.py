@@ -63,6 +63,8 @@ def whole_file_cases(tmp: Path) -> dict[str, tuple[Path, str]]:
         [",".join(f for i, f in enumerate(line.split(",")) if i != drop) for line in lines],
     )
     cases["missing column"] = (tmp / "nocol.csv", "missing required column(s) national_inv")
+    (tmp / "config.json").write_text('{"national": 1, "rows": [1, 2]}\n')
+    cases["json"] = (tmp / "config.json", "none of the expected columns")
     write(tmp / "header_only.csv", lines[:1])
     cases["header only"] = (tmp / "header_only.csv", "no data rows")
     (tmp / "latin1.csv").write_bytes(
@@ -88,6 +90,7 @@ def whole_file_cases(tmp: Path) -> dict[str, tuple[Path, str]]:
         "directory",
         "binary",
         "excel",
+        "json",
         "semicolon",
         "tab",
         "missing column",

@@ -135,8 +135,9 @@ def evaluate(
     auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"
     ap = "n/a" if m["average_precision"] is None else f"{m['average_precision']:.4f}"
     out.print(
-        f"model v{m['model_version']} on {m['n_rows']:,} rows ({m['n_positive']:,} backorders, "
-        f"{m['n_rejected']:,} rejected): ROC AUC {auc}, average precision {ap}",
+        f"read {m['n_read']:,} rows: evaluated {m['n_rows']:,} ({m['n_positive']:,} backorders), "
+        f"rejected {m['n_rejected']:,}; model v{m['model_version']}: ROC AUC {auc}, "
+        f"average precision {ap}",
         highlight=False,
     )
     out.print(f"report:  {outcome.report}", highlight=False)

@@ -26,6 +26,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from backorder.contract import (
+    FEATURE_COLUMNS,
     FOOTER_PATTERN,
     FOOTER_REASON,
     LABEL,
@@ -78,6 +79,7 @@ class InputTable:
         self.uri = str(uri)
         self.block_bytes = block_bytes
         self._raw_handle: Any = None
+        self._header_only = False
         self._fs, self._path = fsspec.core.url_to_fs(self.uri)
         try:
             info = self._fs.info(self._path)
@@ -105,6 +107,8 @@ class InputTable:
             self.format = "csv"
             self._sniff_csv(head)
         self._check_columns()
+        if self._header_only:
+            raise InputFileError(f"{self.uri}: has a header but no data rows")
 
     # -- opening -------------------------------------------------------------------------------
     def _read_head(self) -> bytes:
@@ -164,8 +168,7 @@ class InputTable:
         self.raw_columns = header
         body = text[len(header_line) :].strip("\r\n")
         self.total_rows = None
-        if not body and not self.compressed and self.size_bytes <= SNIFF_BYTES:
-            raise InputFileError(f"{self.uri}: has a header but no data rows")
+        self._header_only = not body and not self.compressed and self.size_bytes <= SNIFF_BYTES
 
     def _check_columns(self) -> None:
         canonical = [_canonical(c) for c in self.raw_columns]
@@ -174,6 +177,11 @@ class InputTable:
             if name in SPECS and name in seen:
                 raise InputFileError(f"{self.uri}: column '{name}' appears more than once")
             seen.add(name)
+        if not any(name in FEATURE_COLUMNS for name in canonical):
+            raise InputFileError(
+                f"{self.uri}: the header has none of the expected columns (national_inv, "
+                "lead_time, ...); is it a CSV or Parquet file of inventory snapshots?"
+            )
         self._rename = {
             raw: can for raw, can in zip(self.raw_columns, canonical, strict=True) if can in SPECS
         }
