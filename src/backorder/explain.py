@@ -39,7 +39,7 @@ PLANNER_LABELS: dict[str, str] = {
     "projected_stock_at_lead_time": "projected stock at end of lead time",
     "forecast_coverage_months": "months of forecast covered",
     "sales_coverage_months": "months of sales covered",
-    "min_bank_gap": "stock above minimum level",
+    "min_bank_gap": "stock on hand minus minimum level",
     "sales_momentum_1_vs_3": "sales trend (last month vs 3-month avg)",
     "sales_momentum_3_vs_9": "sales trend (3 vs 9 months)",
     "forecast_bias": "forecast vs realised sales",
