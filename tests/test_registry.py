@@ -18,6 +18,8 @@ def test_promotion_rule(settings: Settings) -> None:
     champion = {"average_precision": 0.30, "roc_auc": 0.940}
     first = decide_promotion({"average_precision": 0.1, "roc_auc": 0.5}, None, settings, None)
     assert first.promoted and "first model" in first.reason
+    nothing_to_compare = decide_promotion({}, None, settings, "1")
+    assert not nothing_to_compare.promoted and "kept champion v1" in nothing_to_compare.reason
     better = decide_promotion(
         {"average_precision": 0.31, "roc_auc": 0.941}, champion, settings, "1"
     )

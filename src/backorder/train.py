@@ -65,15 +65,16 @@ def decide_promotion(
     """Promote when the challenger's AP beats the champion's by the margin without losing AUC."""
     keys = ("average_precision", "roc_auc")
     mine = {k: challenger.get(k) for k in keys}
-    if champion is None:
+    if champion_version is None:
         return PromotionDecision(
             True, "no champion yet: the first model becomes champion", None, mine, None
         )
-    theirs = {k: champion.get(k) for k in keys}
+    theirs = {k: (champion or {}).get(k) for k in keys}
     if None in mine.values() or None in theirs.values():
         return PromotionDecision(
             False,
-            "holdout has no backorders to compare on; kept champion",
+            f"no holdout rows with backorders to compare on; kept champion v{champion_version}"
+            " (backorder models promote VERSION overrides)",
             champion_version,
             mine,
             theirs,
