@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO   := out/demo
 export BACKORDER_HOME ?= .backorder
 
-.PHONY: setup demo test lint typecheck check bench-train clean
+.PHONY: setup demo test lint typecheck check bench bench-train clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,12 @@ check: lint typecheck test
 
 bench-train: setup
 	$(BIN)/python bench/train_time.py
+
+# Every benchmark; the ones that need ../shared say so and skip without it.
+bench: setup
+	$(BIN)/python bench/train_time.py --repeat 3
+	$(BIN)/python bench/crossfile_quality.py
+	$(BIN)/python bench/predict_scale.py --rows 200000 1000000 2000000
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache .mypy_cache

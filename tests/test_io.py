@@ -63,6 +63,8 @@ def whole_file_cases(tmp: Path) -> dict[str, tuple[Path, str]]:
         [",".join(f for i, f in enumerate(line.split(",")) if i != drop) for line in lines],
     )
     cases["missing column"] = (tmp / "nocol.csv", "missing required column(s) national_inv")
+    (tmp / "utf16.csv").write_text("\n".join(lines), encoding="utf-16")
+    cases["utf-16"] = (tmp / "utf16.csv", "UTF-16")
     (tmp / "config.json").write_text('{"national": 1, "rows": [1, 2]}\n')
     cases["json"] = (tmp / "config.json", "none of the expected columns")
     write(tmp / "header_only.csv", lines[:1])
@@ -90,6 +92,7 @@ def whole_file_cases(tmp: Path) -> dict[str, tuple[Path, str]]:
         "directory",
         "binary",
         "excel",
+        "utf-16",
         "json",
         "semicolon",
         "tab",

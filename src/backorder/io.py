@@ -143,6 +143,8 @@ class InputTable:
             raise InputFileError(f"{self.uri}: Parquet file has no rows")
 
     def _sniff_csv(self, head: bytes) -> None:
+        if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise InputFileError(f"{self.uri}: is UTF-16 text; save it as UTF-8 CSV")
         if b"\x00" in head:
             raise InputFileError(f"{self.uri}: is a binary file, not CSV or Parquet")
         try:
