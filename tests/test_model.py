@@ -170,3 +170,32 @@ def test_too_few_backorders_is_a_clear_error(sample, settings: Settings) -> None
 def test_label_column_is_not_a_feature(fitted) -> None:
     pipeline, _ = fitted
     assert LABEL not in classifier_of(pipeline).feature_names_in_
+
+
+def test_reasons_rank_by_absolute_contribution_and_read_as_sentences() -> None:
+    from backorder.explain import reason_columns
+
+    contributions = pd.DataFrame(
+        {
+            "national_inv": [1.5, -0.1],
+            "lead_time": [-2.0, 0.2],
+            "deck_risk": [0.3, 0.05],
+            "perf_6_month_avg": [0.0, -0.9],
+            "baseline": [-5.0, -5.0],
+        }
+    )
+    values = pd.DataFrame(
+        {
+            "national_inv": [0.0, 1200.0],
+            "lead_time": [np.nan, 8.0],
+            "deck_risk": [1.0, 0.0],
+            "perf_6_month_avg": [0.5, 0.92],
+        }
+    )
+    reasons = reason_columns(contributions, values, k=3)
+    assert reasons.iloc[0].tolist() == [
+        "lead time (weeks) = unknown lowers risk",
+        "stock on hand = 0 raises risk",
+        "deck risk flag = yes raises risk",
+    ]
+    assert reasons.iloc[1, 0] == "supplier on-time rate (6 months) = 92% lowers risk"

@@ -6,8 +6,6 @@ calibration slope so that they add up to the calibrated log-odds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pandas as pd
 
@@ -51,17 +49,6 @@ RATE_FEATURES = frozenset({"perf_6_month_avg", "perf_12_month_avg", "supplier_pe
 LOG_RATIO_FEATURES = frozenset({"sales_momentum_1_vs_3", "sales_momentum_3_vs_9", "forecast_bias"})
 
 
-@dataclass(frozen=True)
-class Reason:
-    feature: str
-    value: float
-    contribution: float
-
-    @property
-    def text(self) -> str:
-        return reason_text(self.feature, self.value, self.contribution)
-
-
 def _value_text(feature: str, value: float) -> str:
     if feature in FLAG_FEATURES:
         return "yes" if value >= 0.5 else "no"
@@ -95,15 +82,6 @@ def _top_k(
     picked = np.take_along_axis(matrix, top, axis=1)
     order = np.argsort(-np.abs(picked), axis=1, kind="stable")
     return names, matrix, values, np.take_along_axis(top, order, axis=1)
-
-
-def top_reasons(contributions: pd.DataFrame, features: pd.DataFrame, k: int) -> list[list[Reason]]:
-    """The ``k`` features with the largest absolute contribution, per row, largest first."""
-    names, matrix, values, top = _top_k(contributions, features, k)
-    reasons = []
-    for i in range(len(matrix)):
-        reasons.append([Reason(names[j], float(values[i, j]), float(matrix[i, j])) for j in top[i]])
-    return reasons
 
 
 def reason_columns(contributions: pd.DataFrame, features: pd.DataFrame, k: int) -> pd.DataFrame:
