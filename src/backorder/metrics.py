@@ -9,6 +9,7 @@ two baselines, and the same per segment of the catalogue.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -85,7 +86,8 @@ def alert_budget_points(
 
 def reliability_table(y: np.ndarray, probability: np.ndarray) -> pd.DataFrame:
     """Observed backorder rate against mean predicted probability, per probability bin."""
-    bins = pd.cut(probability, RELIABILITY_EDGES, include_lowest=True)
+    labels = [f"{lo:g} to {hi:g}" for lo, hi in pairwise(RELIABILITY_EDGES)]
+    bins = pd.cut(probability, RELIABILITY_EDGES, include_lowest=True, labels=labels)
     table = (
         pd.DataFrame({"bin": bins, "y": y, "p": probability})
         .groupby("bin", observed=True)
