@@ -114,6 +114,13 @@ NUMERIC_COLUMNS: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.kind == "n
 FLAG_COLUMNS: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.kind == "flag")
 FEATURE_COLUMNS: tuple[str, ...] = NUMERIC_COLUMNS + FLAG_COLUMNS
 PERF_COLUMNS: tuple[str, ...] = ("perf_6_month_avg", "perf_12_month_avg")
+
+
+def required_columns(require_label: bool) -> list[str]:
+    """Columns a file must have: the 21 features, plus the label to train or evaluate."""
+    return list(FEATURE_COLUMNS) + ([LABEL] if require_label else [])
+
+
 # Quantities expected to be >= 0. A negative one is scored as given but counted as a warning:
 # rejecting it would lose rows the model can still score.
 NON_NEGATIVE_QUANTITIES: tuple[str, ...] = tuple(

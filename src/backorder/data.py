@@ -17,6 +17,7 @@ from backorder.contract import (
     REASON,
     ROW_NUMBER,
     ValidatedChunk,
+    required_columns,
     validate_chunk,
 )
 from backorder.io import InputTable, broken_rows_frame
@@ -38,8 +39,7 @@ def validated_chunks(
     table: InputTable, require_label: bool, on_chunk: ChunkProgress | None = None
 ) -> Iterator[Chunk]:
     """Validate ``table`` chunk by chunk; each chunk's rows + rejects equal the rows read."""
-    required = list(FEATURE_COLUMNS) + ([LABEL] if require_label else [])
-    table.require(required)
+    table.require(required_columns(require_label))
     for raw in table.chunks():
         checked: ValidatedChunk = validate_chunk(raw.frame, require_label=require_label)
         rejects = checked.rejects
@@ -55,9 +55,8 @@ def validated_chunks(
 
 def check_inputs(uris: Sequence[str | Path], require_label: bool, block_bytes: int) -> None:
     """Fail fast on whole-file problems (missing, unreadable, wrong shape) before any work."""
-    required = list(FEATURE_COLUMNS) + ([LABEL] if require_label else [])
     for uri in uris:
-        InputTable(uri, block_bytes=block_bytes).require(required)
+        InputTable(uri, block_bytes=block_bytes).require(required_columns(require_label))
 
 
 @dataclass
