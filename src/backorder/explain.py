@@ -84,11 +84,16 @@ def _top_k(
     return names, matrix, values, np.take_along_axis(top, order, axis=1)
 
 
+def reason_names(k: int) -> list[str]:
+    """Column names of the reasons: ``reason_1`` .. ``reason_k``."""
+    return [f"reason_{rank + 1}" for rank in range(k)]
+
+
 def reason_columns(contributions: pd.DataFrame, features: pd.DataFrame, k: int) -> pd.DataFrame:
     """``reason_1`` .. ``reason_k`` as planner sentences, grouped per feature."""
     names, matrix, values, top = _top_k(contributions, features, k)
     out = {}
-    for rank in range(top.shape[1]):
+    for rank, name in enumerate(reason_names(top.shape[1])):
         column = np.empty(len(matrix), dtype=object)
         for j in np.unique(top[:, rank]):
             rows = np.flatnonzero(top[:, rank] == j)
@@ -96,5 +101,5 @@ def reason_columns(contributions: pd.DataFrame, features: pd.DataFrame, k: int) 
                 reason_text(names[j], v, c)
                 for v, c in zip(values[rows, j], matrix[rows, j], strict=True)
             ]
-        out[f"reason_{rank + 1}"] = pd.array(column, dtype="string")
+        out[name] = pd.array(column, dtype="string")
     return pd.DataFrame(out, index=contributions.index)

@@ -17,7 +17,7 @@ from backorder.config import Settings
 from backorder.contract import ORIGINAL_LINE, REASON, ROW_NUMBER, SKU
 from backorder.data import ChunkProgress, validated_chunks
 from backorder.errors import InputFileError
-from backorder.explain import reason_columns
+from backorder.explain import reason_columns, reason_names
 from backorder.io import InputTable, TableWriter, table_format
 from backorder.model import classifier_of
 from backorder.registry import LoadedModel
@@ -32,7 +32,7 @@ def prediction_columns(reasons: int) -> list[str]:
         "backorder_probability",
         "will_backorder",
         "risk_band",
-        *[f"reason_{i + 1}" for i in range(reasons)],
+        *reason_names(reasons),
         "model_version",
     ]
 
@@ -53,13 +53,10 @@ def risk_band(probability: np.ndarray, threshold: float, watchlist_fraction: flo
     )
 
 
-def score_rows(
-    model: LoadedModel, rows: pd.DataFrame, settings: Settings, reasons_for: str | None = None
-) -> pd.DataFrame:
+def score_rows(model: LoadedModel, rows: pd.DataFrame, settings: Settings) -> pd.DataFrame:
     """Probabilities, decisions, risk bands and reasons for validated rows.
 
-    ``reasons_for`` ('all', 'watchlist' or 'none'; default from settings) says which rows get
-    reasons; the others carry empty reason columns.
+    ``settings.reasons_for`` says which rows get reasons; the others carry empty reason columns.
     """
     features = model.pipeline.steps[0][1].transform(rows)
     clf = classifier_of(model.pipeline)
@@ -73,13 +70,12 @@ def score_rows(
     out["backorder_probability"] = probability
     out["will_backorder"] = probability >= threshold
     out["risk_band"] = pd.array(band, dtype="string")
-    scope = reasons_for or settings.reasons_for
     explained = {
         "all": np.ones(len(rows), bool),
         "watchlist": band != "low",
         "none": np.zeros(len(rows), bool),
-    }[scope]
-    names = [f"reason_{i + 1}" for i in range(settings.reasons_per_row)]
+    }[settings.reasons_for]
+    names = reason_names(settings.reasons_per_row)
     reasons = pd.DataFrame(
         {n: pd.array([None] * len(rows), dtype="string") for n in names}, index=rows.index
     )
