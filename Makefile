@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO   := out/demo
 export BACKORDER_HOME ?= .backorder
 
-.PHONY: setup demo test lint typecheck check bench bench-train clean
+.PHONY: setup demo test lint typecheck check bench bench-train bench-quality bench-tune clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,14 @@ check: lint typecheck test
 
 bench-train: setup
 	$(BIN)/python bench/train_time.py
+
+# Model comparison on the shared samples (~35 min on 2 cores) and the Optuna search behind the
+# defaults (~20 min); both need ../shared and skip without it.
+bench-quality: setup
+	$(BIN)/python bench/quality.py --repeats 2 --feature-sets raw,all
+
+bench-tune: setup
+	$(BIN)/python bench/tune.py --trials 40
 
 # Every benchmark; the ones that need ../shared say so and skip without it.
 bench: setup

@@ -240,3 +240,35 @@ def test_unwritable_output_is_one_line(tmp_path: Path, trained_home: Path) -> No
     assert result.returncode == 1
     assert "p.parquet" in one_line_error(result.stderr)
     assert sorted(p.name for p in locked.iterdir()) == ["p.parquet"]  # no temp files left
+
+
+def test_predict_base_rate_recalibrates_and_bad_rate_is_one_line(
+    tmp_path: Path, trained_home: Path
+) -> None:
+    def mean_probability(*extra: str) -> float:
+        out = tmp_path / f"p{len(extra)}.parquet"
+        result = run_cli(
+            "predict",
+            "--input",
+            str(SAMPLE / "new_batch.csv.gz"),
+            "--output",
+            str(out),
+            *extra,
+            home=trained_home,
+        )
+        assert result.returncode == 0, result.stderr
+        return float(pd.read_parquet(out)["backorder_probability"].mean())
+
+    assert mean_probability("--base-rate", "0.05") > 3 * mean_probability()
+    bad = run_cli(
+        "predict",
+        "--input",
+        str(SAMPLE / "new_batch.csv.gz"),
+        "--output",
+        str(tmp_path / "x.parquet"),
+        "--base-rate",
+        "1.5",
+        home=trained_home,
+    )
+    assert bad.returncode == 2
+    assert "scoring_base_rate" in one_line_error(bad.stderr)

@@ -178,9 +178,12 @@ def test_files_without_sku_and_with_preprocessed_layout(tmp_path: Path) -> None:
 def test_later_inputs_drop_rows_repeated_from_earlier_ones(tmp_path: Path) -> None:
     lines = sample_lines(100)
     write(tmp_path / "a.csv", lines[:61])
-    write(tmp_path / "b.csv", [lines[0], *lines[41:101]])  # rows 41-60 repeat
+    # rows 41-60 repeat; row 1 repeats with the other label (same features: still a repeat)
+    flipped = lines[1].rsplit(",", 1)
+    flipped[1] = "Yes" if flipped[1].strip() == "No" else "No"
+    write(tmp_path / "b.csv", [lines[0], *lines[41:101], ",".join(flipped)])
     data = load_labelled([tmp_path / "a.csv", tmp_path / "b.csv"], block_bytes=1 << 16)
-    assert [s.duplicates_dropped for s in data.sources] == [0, 20]
+    assert [s.duplicates_dropped for s in data.sources] == [0, 21]
     assert len(data.rows) == 100
 
 

@@ -54,6 +54,16 @@ def test_segments_cover_the_planner_questions() -> None:
     assert segments.loc["all rows", "rows"] == 1000
     for name in ("stock on hand <= 0", "no supplier history (perf -99)", "deck_risk = Yes"):
         assert name in segments.index
+    assert not any(name.startswith("input ") for name in segments.index)  # one input: no split
+
+
+def test_segments_split_by_input_file_when_there_are_several() -> None:
+    rows, y, p = toy()
+    rows["source"] = np.where(np.arange(len(rows)) < 300, "s3://b/a.csv.gz", "/data/b.parquet")
+    segments = evaluate_predictions(rows, y, p, 0.1, 10, 1, [0.01]).segments.set_index("segment")
+    assert segments.loc["input a.csv.gz", "rows"] == 300
+    assert segments.loc["input b.parquet", "backorders"] == y[300:].sum()
+    assert segments.loc["input b.parquet", "mean_probability"] == pytest.approx(p[300:].mean())
 
 
 def test_metrics_without_backorders_do_not_crash() -> None:

@@ -146,8 +146,17 @@ def test_derived_features_follow_inventory_logic() -> None:
         "min_bank": 25.0,
         "perf_6_month_avg": 0.8,
         "perf_12_month_avg": 0.9,
+        "sales_6_month": 40.0,
+        "sales_9_month": 60.0,
+        "forecast_9_month": 90.0,
+        "pieces_past_due": 5.0,
+        "local_bo_qty": 4.0,
     }
     out = InventoryFeatures().fit_transform(pd.DataFrame([row])).iloc[0]
+    assert out["sales_momentum_6_vs_9"] == pytest.approx(np.log(61 / 61))  # 40/6 ~ 60/9 a month
+    assert out["forecast_trend_3_vs_9"] == pytest.approx(0.0)  # 30 a quarter = 90 in 9 months
+    assert out["past_due_share_of_forecast"] == pytest.approx(np.log(10 / 31))
+    assert out["in_transit_share"] == pytest.approx(1 / 3)
     assert out["stock_position"] == 30.0
     assert out["forecast_coverage_months"] == pytest.approx(3.0)  # 30 units / 10 per month
     assert out["sales_coverage_months"] == pytest.approx(6.0)
@@ -157,6 +166,13 @@ def test_derived_features_follow_inventory_logic() -> None:
     assert out["lead_time_unknown"] == 0.0
     no_demand = InventoryFeatures().fit_transform(pd.DataFrame([row | {"forecast_3_month": 0.0}]))
     assert np.isnan(no_demand["forecast_coverage_months"].iloc[0])
+
+
+def test_every_feature_has_a_planner_label() -> None:
+    from backorder.explain import PLANNER_LABELS
+
+    names = InventoryFeatures().fit(pd.DataFrame(columns=list(FEATURE_COLUMNS)))
+    assert set(names.get_feature_names_out()) <= set(PLANNER_LABELS)
 
 
 def test_too_few_backorders_is_a_clear_error(sample, settings: Settings) -> None:
@@ -199,3 +215,26 @@ def test_reasons_rank_by_absolute_contribution_and_read_as_sentences() -> None:
         "deck risk flag = yes raises risk",
     ]
     assert reasons.iloc[1, 0] == "supplier on-time rate (6 months) = 92% lowers risk"
+
+
+def test_base_rate_adjustment_moves_the_expected_count_not_the_ranking(fitted, sample) -> None:
+    """Prior shift: scoring data with twice the training backorder rate should roughly double
+    the expected count; the ranking, and so AUC and AP, must not move."""
+    pipeline, _ = fitted
+    rows, y = sample
+    clf = classifier_of(pipeline)
+    assert clf.training_base_rate_ == pytest.approx(y.mean())
+    before = backorder_probability(pipeline, rows)
+    clf.adjust_to_base_rate(2 * y.mean())
+    try:
+        after = backorder_probability(pipeline, rows)
+        contributions = clf.contributions(pipeline.steps[0][1].transform(rows.head(20)))
+    finally:
+        clf.adjust_to_base_rate(None)
+    assert 1.8 < after.sum() / before.sum() < 2.1
+    assert (np.diff(after[np.argsort(before, kind="stable")]) >= 0).all()  # same ranking
+    log_odds = np.log(after[:20] / (1 - after[:20]))
+    np.testing.assert_allclose(contributions.sum(axis=1), log_odds, rtol=1e-6)
+    np.testing.assert_allclose(backorder_probability(pipeline, rows), before)
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        clf.adjust_to_base_rate(1.5)

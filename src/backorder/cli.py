@@ -39,6 +39,13 @@ ConfigOption = Annotated[
 ModelOption = Annotated[
     str, typer.Option("--model", help="Model alias (champion, challenger) or version number.")
 ]
+BaseRateOption = Annotated[
+    float | None,
+    typer.Option(
+        "--base-rate",
+        help="Known backorder rate of this data (e.g. 0.011); re-calibrates the probabilities.",
+    ),
+]
 
 
 def _fail(message: str, code: int) -> None:
@@ -60,8 +67,9 @@ def _guard(action: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
-def _settings(config: Path | None) -> Settings:
-    return _guard(lambda: load_settings(config))
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return _guard(lambda: load_settings(config, **given))
 
 
 def _say(message: str) -> None:
@@ -123,12 +131,13 @@ def evaluate(
     data: Annotated[list[str], typer.Option("--data", help="Labelled CSV/Parquet; repeatable.")],
     output: Annotated[Path, typer.Option("--output", help="Folder for metrics.json, report.html.")],
     model: ModelOption = "champion",
+    base_rate: BaseRateOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Score labelled data with a model; write metrics.json and report.html."""
     from backorder.evaluate import run_evaluation
 
-    settings = _settings(config)
+    settings = _settings(config, scoring_base_rate=base_rate)
     with _reading_progress() as on_chunk:
         outcome = _guard(lambda: run_evaluation(data, output, settings, model, _say, on_chunk))
     m = outcome.metrics
@@ -155,6 +164,7 @@ def predict(
         Path | None, typer.Option("--rejects", help="Rejected rows (default: beside the output).")
     ] = None,
     model: ModelOption = "champion",
+    base_rate: BaseRateOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Score a batch: every row is scored or written to the rejects file with its reason."""
@@ -162,11 +172,11 @@ def predict(
     from backorder.predict import predict_file
     from backorder.registry import Registry
 
-    settings = _settings(config)
+    settings = _settings(config, scoring_base_rate=base_rate)
     _guard(
         lambda: check_inputs([input], require_label=False, block_bytes=settings.read_block_bytes)
     )
-    loaded = _guard(lambda: Registry(settings).load(model))
+    loaded = _guard(lambda: Registry(settings).load(model, settings.scoring_base_rate))
     with _reading_progress() as on_chunk:
         summary = _guard(
             lambda: predict_file(input, output, loaded, settings, rejects, on_chunk=on_chunk)

@@ -95,6 +95,22 @@ class Settings(BaseSettings):
         ),
     )
 
+    derived_features: list[str] | None = Field(
+        None,
+        description=(
+            "Derived features the model uses (names in `backorder.features`); null = all of "
+            "them, [] = only the 21 contract columns."
+        ),
+    )
+    scoring_base_rate: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description=(
+            "Known backorder rate of the batches to be scored; probabilities are re-calibrated "
+            "to it (prior shift). null = the training data's rate."
+        ),
+    )
     cv_folds: int = Field(5, ge=2, description="Stratified folds for out-of-fold validation.")
     early_stopping_fraction: float = Field(
         0.15, gt=0, lt=0.5, description="Share of each training fold kept for early stopping."

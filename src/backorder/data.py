@@ -109,8 +109,10 @@ def load_labelled(
 ) -> LabelledData:
     """Read, validate and combine labelled inputs.
 
-    A row of a later input that repeats an earlier input's row on every feature and the label is
-    dropped: the samples this product ships with overlap, and a duplicated row would count twice.
+    A row of a later input that repeats an earlier input's row on every feature value is dropped
+    (sku and label aside): the shared samples overlap, a duplicated row would count twice, and
+    one copy with each label would teach nothing. Repeats within one input are distinct SKUs
+    that look alike and are kept.
     """
     frames: list[pd.DataFrame] = []
     rejects: list[pd.DataFrame] = []
@@ -128,7 +130,7 @@ def load_labelled(
             n_rejected += len(chunk.rejects)
             warnings.update(chunk.warnings)
         rows = pd.concat(parts) if parts else pd.DataFrame(columns=[*FEATURE_COLUMNS, LABEL])
-        keys = pd.util.hash_pandas_object(rows[[*FEATURE_COLUMNS, LABEL]], index=False).to_numpy()
+        keys = feature_hash(rows)
         repeated = (
             np.isin(keys, np.fromiter(seen, dtype=np.uint64)) if seen else np.zeros(len(rows), bool)
         )

@@ -37,7 +37,7 @@ def run_evaluation(
     on_chunk: ChunkProgress | None = None,
 ) -> EvaluationOutcome:
     check_inputs(uris, require_label=True, block_bytes=settings.read_block_bytes)
-    model = Registry(settings).load(model_ref)
+    model = Registry(settings).load(model_ref, base_rate=settings.scoring_base_rate)
     say(f"evaluating model v{model.version}")
     data = load_labelled(uris, settings.read_block_bytes, on_chunk=on_chunk)
     rows = data.rows

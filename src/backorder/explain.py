@@ -40,13 +40,28 @@ PLANNER_LABELS: dict[str, str] = {
     "min_bank_gap": "stock on hand minus minimum level",
     "sales_momentum_1_vs_3": "sales trend (last month vs 3-month avg)",
     "sales_momentum_3_vs_9": "sales trend (3 vs 9 months)",
+    "sales_momentum_6_vs_9": "sales trend (6 vs 9 months)",
+    "forecast_trend_3_vs_9": "forecast trend (3 vs 9 months)",
     "forecast_bias": "forecast vs realised sales",
     "supplier_performance_trend": "supplier on-time trend (6 vs 12 months)",
+    "past_due_share_of_forecast": "past-due and backordered units vs forecast",
+    "in_transit_share": "share of stock still in transit",
     "lead_time_unknown": "lead time unknown",
     "supplier_history_missing": "no supplier performance history",
 }
-RATE_FEATURES = frozenset({"perf_6_month_avg", "perf_12_month_avg", "supplier_performance_trend"})
-LOG_RATIO_FEATURES = frozenset({"sales_momentum_1_vs_3", "sales_momentum_3_vs_9", "forecast_bias"})
+RATE_FEATURES = frozenset(
+    {"perf_6_month_avg", "perf_12_month_avg", "supplier_performance_trend", "in_transit_share"}
+)
+LOG_RATIO_FEATURES = frozenset(
+    {
+        "sales_momentum_1_vs_3",
+        "sales_momentum_3_vs_9",
+        "sales_momentum_6_vs_9",
+        "forecast_trend_3_vs_9",
+        "forecast_bias",
+        "past_due_share_of_forecast",
+    }
+)
 
 
 def _value_text(feature: str, value: float) -> str:

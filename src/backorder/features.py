@@ -75,6 +75,16 @@ DERIVED_FEATURES: tuple[DerivedFeature, ...] = (
         lambda x: _log_ratio(x["sales_3_month"] * 3.0, x["sales_9_month"]),
     ),
     DerivedFeature(
+        "sales_momentum_6_vs_9",
+        "6-month sales against the 9-month average, per month (log ratio)",
+        lambda x: _log_ratio(x["sales_6_month"] * 1.5, x["sales_9_month"]),
+    ),
+    DerivedFeature(
+        "forecast_trend_3_vs_9",
+        "3-month forecast against the 9-month forecast, per month (log ratio)",
+        lambda x: _log_ratio(x["forecast_3_month"] * 3.0, x["forecast_9_month"]),
+    ),
+    DerivedFeature(
         "forecast_bias",
         "3-month forecast against 3-month realised sales (log ratio)",
         lambda x: _log_ratio(x["forecast_3_month"], x["sales_3_month"]),
@@ -83,6 +93,16 @@ DERIVED_FEATURES: tuple[DerivedFeature, ...] = (
         "supplier_performance_trend",
         "Supplier performance, last 6 months minus last 12 months",
         lambda x: x["perf_6_month_avg"] - x["perf_12_month_avg"],
+    ),
+    DerivedFeature(
+        "past_due_share_of_forecast",
+        "Pieces past due plus local backorders against the 3-month forecast (log ratio)",
+        lambda x: _log_ratio(x["pieces_past_due"] + x["local_bo_qty"], x["forecast_3_month"]),
+    ),
+    DerivedFeature(
+        "in_transit_share",
+        "Share of the stock position that is still in transit",
+        lambda x: _ratio(x["in_transit_qty"], _stock_position(x).clip(lower=0)),
     ),
     DerivedFeature(
         "lead_time_unknown",

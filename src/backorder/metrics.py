@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -157,6 +158,10 @@ def segment_masks(rows: pd.DataFrame) -> dict[str, np.ndarray]:
     }
     for flag in FLAG_COLUMNS:
         masks[f"{flag} = Yes"] = (rows[flag] == 1).to_numpy()
+    # Inputs can differ in backorder rate (a prior shift): expected vs actual per input shows it.
+    if "source" in rows.columns and rows["source"].nunique() > 1:
+        for source in rows["source"].unique():
+            masks[f"input {Path(str(source)).name}"] = (rows["source"] == source).to_numpy()
     return masks
 
 

@@ -42,6 +42,10 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
+def _logit(p: float) -> float:
+    return float(np.log(p / (1.0 - p)))
+
+
 def cost_minimising_threshold(
     y_true: np.ndarray, probability: np.ndarray, cost_missed: float, cost_false_alarm: float
 ) -> tuple[float, float]:
@@ -167,6 +171,8 @@ class BackorderClassifier(ClassifierMixin, BaseEstimator):
         platt.fit(oof_log_odds.reshape(-1, 1), y_arr)
         self.calibration_slope_ = float(platt.coef_[0, 0])
         self.calibration_intercept_ = float(platt.intercept_[0])
+        self.training_base_rate_ = positives / len(y_arr)
+        self.base_rate_shift_ = 0.0
         self.oof_probability_ = _sigmoid(
             self.calibration_slope_ * oof_log_odds + self.calibration_intercept_
         )
@@ -183,9 +189,24 @@ class BackorderClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     # -- scoring -------------------------------------------------------------------------------
+    def adjust_to_base_rate(self, base_rate: float | None) -> None:
+        """Re-calibrate for a known backorder rate in the data to be scored (prior shift).
+
+        If only the share of backorders changes, not what a backorder looks like, Bayes' rule
+        moves every log-odds by logit(new rate) - logit(training rate); ranking is unchanged.
+        ``None`` restores the training calibration.
+        """
+        if base_rate is None:
+            self.base_rate_shift_ = 0.0
+            return
+        if not 0.0 < base_rate < 1.0:
+            raise ValueError(f"base rate must be strictly between 0 and 1, got {base_rate}")
+        self.base_rate_shift_ = _logit(base_rate) - _logit(self.training_base_rate_)
+
     def log_odds(self, X: pd.DataFrame) -> np.ndarray:
         raw = self.booster_.predict(X, raw_score=True)
-        return self.calibration_slope_ * np.asarray(raw) + self.calibration_intercept_
+        intercept = self.calibration_intercept_ + self.base_rate_shift_
+        return self.calibration_slope_ * np.asarray(raw) + intercept
 
     def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
         p = _sigmoid(self.log_odds(X))
@@ -201,7 +222,7 @@ class BackorderClassifier(ClassifierMixin, BaseEstimator):
         """
         raw = np.asarray(self.booster_.predict(X, pred_contrib=True))
         scaled = raw * self.calibration_slope_
-        scaled[:, -1] += self.calibration_intercept_
+        scaled[:, -1] += self.calibration_intercept_ + self.base_rate_shift_
         columns = [*self.booster_.feature_name(), "baseline"]
         return pd.DataFrame(scaled, index=X.index, columns=columns)
 
@@ -210,10 +231,10 @@ class BackorderClassifier(ClassifierMixin, BaseEstimator):
         return pd.Series(gain, index=self.booster_.feature_name()).sort_values(ascending=False)
 
 
-def build_pipeline(settings: Settings, progress: Progress | None = None) -> Pipeline:
-    """An unfitted features + classifier Pipeline configured from settings."""
+def booster_params_from(settings: Settings) -> dict[str, Any]:
+    """LightGBM's parameter names for the configured booster settings."""
     gbm = settings.lightgbm
-    booster_params = {
+    return {
         "learning_rate": gbm.learning_rate,
         "num_leaves": gbm.num_leaves,
         "max_depth": gbm.max_depth,
@@ -227,9 +248,16 @@ def build_pipeline(settings: Settings, progress: Progress | None = None) -> Pipe
         "min_gain_to_split": gbm.min_split_gain,
         "num_threads": gbm.n_jobs,
     }
+
+
+def build_pipeline(settings: Settings, progress: Progress | None = None) -> Pipeline:
+    """An unfitted features + classifier Pipeline configured from settings."""
+    gbm = settings.lightgbm
+    derived = None if settings.derived_features is None else tuple(settings.derived_features)
+    booster_params = booster_params_from(settings)
     return Pipeline(
         [
-            ("features", InventoryFeatures()),
+            ("features", InventoryFeatures(derived=derived)),
             (
                 "classifier",
                 BackorderClassifier(
@@ -273,6 +301,7 @@ def save_pipeline(pipeline: Pipeline, directory: Path, metadata: dict[str, Any])
             "calibration_slope": clf.calibration_slope_,
             "calibration_intercept": clf.calibration_intercept_,
             "decision_threshold": clf.decision_threshold_,
+            "training_base_rate": clf.training_base_rate_,
             "best_iterations": clf.best_iterations_,
             "n_trees": clf.n_trees_,
             "feature_names": list(clf.feature_names_in_),
@@ -303,6 +332,8 @@ def load_pipeline(directory: Path) -> tuple[Pipeline, dict[str, Any]]:
     clf.calibration_slope_ = float(c["calibration_slope"])
     clf.calibration_intercept_ = float(c["calibration_intercept"])
     clf.decision_threshold_ = float(c["decision_threshold"])
+    clf.training_base_rate_ = float(c["training_base_rate"])
+    clf.base_rate_shift_ = 0.0
     clf.best_iterations_ = list(c["best_iterations"])
     clf.n_trees_ = int(c["n_trees"])
     return Pipeline([("features", features), ("classifier", clf)]), dict(spec["metadata"])

@@ -30,7 +30,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from sklearn.pipeline import Pipeline  # noqa: E402
 
-from backorder.model import load_pipeline, save_pipeline  # noqa: E402
+from backorder.model import classifier_of, load_pipeline, save_pipeline  # noqa: E402
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -137,8 +137,12 @@ class Registry:
                 f"no model '{self.name}@{ref}' in {self.tracking_uri}{hint}"
             ) from None
 
-    def load(self, ref: str = CHAMPION) -> LoadedModel:
-        """Download a version's artifact and rebuild its fitted pipeline."""
+    def load(self, ref: str = CHAMPION, base_rate: float | None = None) -> LoadedModel:
+        """Download a version's artifact and rebuild its fitted pipeline.
+
+        ``base_rate`` re-calibrates its probabilities to a known backorder rate of the data to be
+        scored (see ``BackorderClassifier.adjust_to_base_rate``).
+        """
         version = self.resolve(ref)
         mv = self.client.get_model_version(self.name, version)
         with tempfile.TemporaryDirectory(prefix="backorder-model-") as tmp:
@@ -146,6 +150,7 @@ class Registry:
                 artifact_uri=f"models:/{self.name}/{version}", dst_path=tmp
             )
             pipeline, metadata = load_pipeline(Path(local))
+        classifier_of(pipeline).adjust_to_base_rate(base_rate)
         return LoadedModel(pipeline, version, metadata, list(mv.aliases))
 
     def champion_version(self) -> str | None:
