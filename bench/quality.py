@@ -17,7 +17,7 @@ Protocol (training data only; the official test file is never touched):
 Prints a Markdown table (mean over folds, with the standard deviation of AP) and, for every row,
 how many folds it won on AP against the reference row (the product's default configuration).
 
-    .venv/bin/python bench/quality.py                 # full comparison, ~25 min on 2 cores
+    .venv/bin/python bench/quality.py --repeats 2       # full comparison, ~30 min on 2 cores
     .venv/bin/python bench/quality.py --folds 3 --models lightgbm --feature-sets raw,default
 """
 
@@ -82,7 +82,27 @@ def default_feature_set(settings: Settings, names: list[str]) -> str:
 
 
 # -- models: each returns calibrated log-odds for the held-out rows and the number of trees ----
-Fitted = tuple[np.ndarray, int]
+# The challengers' parameters: the best of a short Optuna search each (`bench/tune.py --model
+# xgboost --config raw.yaml --trials 12 --learning-rate 0.06`, and `--model catboost --trials
+# 10 --learning-rate 0.1`, raw features), at a slower learning rate for the comparison.
+# --xgboost-params / --catboost-params (JSON) override them. LightGBM takes the product's
+# settings (--config).
+XGBOOST_PARAMS: dict[str, Any] = {
+    "learning_rate": 0.03,
+    "max_depth": 10,
+    "min_child_weight": 0.0275,
+    "subsample": 0.714,
+    "colsample_bytree": 0.825,
+    "reg_lambda": 1.39,
+    "gamma": 0.468,
+}
+CATBOOST_PARAMS: dict[str, Any] = {
+    "learning_rate": 0.06,
+    "depth": 8,
+    "l2_leaf_reg": 1.83,
+    "random_strength": 0.257,
+    "bagging_temperature": 0.98,
+}
 
 
 def _platt(stop_scores: np.ndarray, y_stop: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
@@ -129,17 +149,12 @@ def fit_xgboost(
     gbm = settings.lightgbm
     model = xgb.XGBClassifier(
         n_estimators=gbm.max_trees,
-        learning_rate=0.03,
-        max_depth=7,
-        min_child_weight=1.0,
-        subsample=0.7,
-        colsample_bytree=0.8,
-        reg_lambda=2.0,
         tree_method="hist",
         eval_metric="logloss",
         early_stopping_rounds=gbm.early_stopping_rounds,
         n_jobs=gbm.n_jobs,
         random_state=seed,
+        **XGBOOST_PARAMS,
     )
     model.fit(x_fit, y_fit, eval_set=[(x_stop, y_stop)], verbose=False)
     n = int(model.best_iteration) + 1
@@ -162,9 +177,7 @@ def fit_catboost(
     gbm = settings.lightgbm
     model = CatBoostClassifier(
         iterations=gbm.max_trees,
-        learning_rate=0.06,
-        depth=7,
-        l2_leaf_reg=3.0,
+        **CATBOOST_PARAMS,
         od_type="Iter",
         od_wait=gbm.early_stopping_rounds,
         thread_count=gbm.n_jobs,
@@ -348,7 +361,9 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", nargs="+", default=[str(p) for p in DEFAULT_DATA])
-    parser.add_argument("--config", type=Path, default=None, help="settings YAML (default: built-in)")
+    parser.add_argument(
+        "--config", type=Path, default=None, help="settings YAML (default: built-in)"
+    )
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
@@ -357,8 +372,12 @@ def main() -> int:
     parser.add_argument(
         "--no-first-input-baseline", dest="first_input_baseline", action="store_false"
     )
+    parser.add_argument("--xgboost-params", type=json.loads, default={}, help="JSON overrides")
+    parser.add_argument("--catboost-params", type=json.loads, default={}, help="JSON overrides")
     parser.add_argument("--json", type=Path, default=None, help="also write the table as JSON")
     args = parser.parse_args()
+    XGBOOST_PARAMS.update(args.xgboost_params)
+    CATBOOST_PARAMS.update(args.catboost_params)
     if not all(Path(p).is_file() for p in args.data):
         print(f"skipped: input not found ({', '.join(map(str, args.data))})")
         return 0

@@ -1,4 +1,4 @@
-"""Optuna search for LightGBM's hyper-parameters, on training data only.
+"""Optuna search for hyper-parameters (LightGBM, XGBoost or CatBoost), on training data only.
 
 The search scores each trial by mean average precision over a 3-fold stratified split of all
 inputs (scored on the first input's held-out rows, as in ``bench/quality.py``), with a faster
@@ -8,7 +8,8 @@ wins on the folds it was tuned on is not adopted.
 
 Progress is printed per trial; the best parameters are printed as YAML for ``--config``.
 
-    .venv/bin/python bench/tune.py --trials 40          # ~15 min on 2 cores
+    .venv/bin/python bench/tune.py --trials 40                  # LightGBM, ~20 min on 2 cores
+    .venv/bin/python bench/tune.py --model catboost --trials 15
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any
 
 import numpy as np
 import optuna
-from quality import DEFAULT_DATA, EARLY_STOPPING_FRACTION, fit_lightgbm, fold_metrics
+import quality
+from quality import DEFAULT_DATA, EARLY_STOPPING_FRACTION, MODELS, fold_metrics
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from backorder.config import LightGBMSettings, load_settings
@@ -33,7 +35,27 @@ from backorder.features import InventoryFeatures
 TUNING_SEED = 7  # bench/quality.py folds use the product's seed (42) and up
 
 
-def search_space(trial: optuna.Trial) -> dict[str, Any]:
+def xgboost_space(trial: optuna.Trial) -> dict[str, Any]:
+    return {
+        "max_depth": trial.suggest_int("max_depth", 4, 10),
+        "min_child_weight": trial.suggest_float("min_child_weight", 0.01, 20.0, log=True),
+        "subsample": trial.suggest_float("subsample", 0.4, 1.0),
+        "colsample_bytree": trial.suggest_float("colsample_bytree", 0.3, 1.0),
+        "reg_lambda": trial.suggest_float("reg_lambda", 1e-3, 50.0, log=True),
+        "gamma": trial.suggest_float("gamma", 0.0, 1.0),
+    }
+
+
+def catboost_space(trial: optuna.Trial) -> dict[str, Any]:
+    return {
+        "depth": trial.suggest_int("depth", 4, 10),
+        "l2_leaf_reg": trial.suggest_float("l2_leaf_reg", 0.1, 50.0, log=True),
+        "random_strength": trial.suggest_float("random_strength", 0.1, 10.0, log=True),
+        "bagging_temperature": trial.suggest_float("bagging_temperature", 0.0, 2.0),
+    }
+
+
+def lightgbm_space(trial: optuna.Trial) -> dict[str, Any]:
     return {
         "num_leaves": trial.suggest_int("num_leaves", 15, 255, log=True),
         # Depth stays bounded: exact per-row reasons cost grows with depth squared.
@@ -48,10 +70,15 @@ def search_space(trial: optuna.Trial) -> dict[str, Any]:
     }
 
 
+SPACES = {"lightgbm": lightgbm_space, "xgboost": xgboost_space, "catboost": catboost_space}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", nargs="+", default=[str(p) for p in DEFAULT_DATA])
+    parser.add_argument("--model", choices=sorted(MODELS), default="lightgbm")
     parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--config", type=Path, default=None, help="settings YAML (features)")
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--learning-rate", type=float, default=0.05)
     parser.add_argument("--threads", type=int, default=2)
@@ -61,7 +88,7 @@ def main() -> int:
         print(f"skipped: input not found ({', '.join(map(str, args.data))})")
         return 0
 
-    settings = load_settings(None)
+    settings = load_settings(args.config)
     data = load_labelled(args.data, settings.read_block_bytes)
     rows = data.rows.reset_index(drop=True)
     y = rows[LABEL].to_numpy(dtype=np.int64)
@@ -74,15 +101,25 @@ def main() -> int:
     )
     print(f"{len(rows):,} rows; {args.folds} folds; {args.trials} trials", flush=True)
 
+    space = SPACES[args.model]
+    fit = MODELS[args.model]
+
     def objective(trial: optuna.Trial) -> float:
-        params = search_space(trial)
+        params = space(trial)
         trial_settings = settings.model_copy(
             update={
                 "lightgbm": LightGBMSettings(
-                    **params, learning_rate=args.learning_rate, n_jobs=args.threads
+                    **(params if args.model == "lightgbm" else {}),
+                    learning_rate=args.learning_rate,
+                    n_jobs=args.threads,
                 )
             }
         )
+        # The challengers read their parameters from quality.py's module-level dictionaries.
+        if args.model == "xgboost":
+            quality.XGBOOST_PARAMS.update(params, learning_rate=args.learning_rate)
+        if args.model == "catboost":
+            quality.CATBOOST_PARAMS.update(params, learning_rate=args.learning_rate)
         scores, started = [], time.perf_counter()
         for k, (train_rows, held_out) in enumerate(splits):
             scored = held_out[first[held_out]]
@@ -92,7 +129,7 @@ def main() -> int:
                 stratify=strata[train_rows],
                 random_state=TUNING_SEED + k,
             )
-            z, _ = fit_lightgbm(
+            z, _ = fit(
                 x.iloc[fit_rows],
                 y[fit_rows],
                 x.iloc[stop_rows],
@@ -121,13 +158,17 @@ def main() -> int:
         sampler=optuna.samplers.TPESampler(seed=TUNING_SEED),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=8),
     )
-    # Start from the current defaults so the search can only report an improvement on them.
-    current = settings.lightgbm.model_dump()
-    study.enqueue_trial({k: current[k] for k in search_space(optuna.trial.FixedTrial(current))})
+    # Start from the current settings so the search can only report an improvement on them.
+    current = {
+        "lightgbm": settings.lightgbm.model_dump(),
+        "xgboost": quality.XGBOOST_PARAMS,
+        "catboost": quality.CATBOOST_PARAMS,
+    }[args.model]
+    study.enqueue_trial({k: current[k] for k in space(optuna.trial.FixedTrial(current))})
     study.optimize(objective, n_trials=args.trials)
     best = study.best_trial
     print(f"\nbest trial {best.number}: AP {best.value:.4f} AUC {best.user_attrs['roc_auc']:.4f}")
-    print("lightgbm:")
+    print(f"{args.model}:")
     for key, value in best.params.items():
         print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
     if args.json:

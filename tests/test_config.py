@@ -41,6 +41,8 @@ def test_environment_beats_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         ("no_such_setting: 1\n", "setting 'no_such_setting'"),
         ("cost_false_alarm: [1\n", "not valid YAML"),
         ("- a list\n", "expected a mapping"),
+        ("derived_features: [stock_positon]\n", "derived_features: unknown stock_positon"),
+        ("scoring_base_rate: 1.5\n", "setting 'scoring_base_rate'"),
     ],
 )
 def test_bad_settings_name_the_file_and_setting(tmp_path: Path, text: str, message: str) -> None:

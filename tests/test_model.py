@@ -218,8 +218,8 @@ def test_reasons_rank_by_absolute_contribution_and_read_as_sentences() -> None:
 
 
 def test_base_rate_adjustment_moves_the_expected_count_not_the_ranking(fitted, sample) -> None:
-    """Prior shift: scoring data with twice the training backorder rate should roughly double
-    the expected count; the ranking, and so AUC and AP, must not move."""
+    """Prior shift: for twice the training backorder rate every log-odds moves by the same
+    amount, so the expected count rises and the ranking (AUC, AP) does not move."""
     pipeline, _ = fitted
     rows, y = sample
     clf = classifier_of(pipeline)
@@ -231,7 +231,12 @@ def test_base_rate_adjustment_moves_the_expected_count_not_the_ranking(fitted, s
         contributions = clf.contributions(pipeline.steps[0][1].transform(rows.head(20)))
     finally:
         clf.adjust_to_base_rate(None)
-    assert 1.8 < after.sum() / before.sum() < 2.1
+    def logit(p: np.ndarray | float) -> np.ndarray:
+        return np.log(np.asarray(p) / (1 - np.asarray(p)))
+
+    shift = logit(2 * y.mean()) - logit(y.mean())  # odds of a backorder about double
+    np.testing.assert_allclose(logit(after), logit(before) + shift, rtol=1e-9, atol=1e-9)
+    assert 1.6 < after.sum() / before.sum() < 2.0  # high probabilities cannot double
     assert (np.diff(after[np.argsort(before, kind="stable")]) >= 0).all()  # same ranking
     log_odds = np.log(after[:20] / (1 - after[:20]))
     np.testing.assert_allclose(contributions.sum(axis=1), log_odds, rtol=1e-6)

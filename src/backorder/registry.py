@@ -23,6 +23,8 @@ from backorder.errors import ModelNotFoundError
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # MLflow's database-migration chatter is not news to a planner.
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+# A model is a few small files; a tqdm bar per download would break one-line stderr output.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 import mlflow  # noqa: E402  (the environment above must be set before MLflow is imported)
