@@ -82,6 +82,9 @@ def default_feature_set(settings: Settings, names: list[str]) -> str:
 
 
 # -- models: each returns calibrated log-odds for the held-out rows and the number of trees ----
+# -- models: each returns calibrated log-odds for the held-out rows and the number of trees ----
+Fitted = tuple[np.ndarray, int]
+
 # The challengers' parameters: the best of a short Optuna search each (`bench/tune.py --model
 # xgboost --config raw.yaml --trials 12 --learning-rate 0.06`, and `--model catboost --trials
 # 10 --learning-rate 0.1`, raw features), at a slower learning rate for the comparison.
