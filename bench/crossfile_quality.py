@@ -1,7 +1,7 @@
 """Out-of-sample check: train on the 10 % sample, evaluate on the 20 % sample's other rows.
 
 The 20 % sample (file B in ../shared/data/backorders/README.txt) overlaps the 10 % sample
-(file A); rows of B that repeat a row of A on every feature and the label are removed first, so
+(file A); rows of B that repeat a row of A on every feature value are removed first, so
 no evaluated row was trained on. What remains has 1.1 % backorders, near the official test
 file's rate. Default settings throughout.
 

@@ -36,6 +36,9 @@ def test_train_evaluate_predict_end_to_end(tmp_path: Path) -> None:
     metrics = json.loads((tmp_path / "train" / "metrics.json").read_text())
     assert metrics["promotion"]["promoted"] is True
     assert metrics["validation"]["roc_auc"] > 0.85
+    segments = {s["segment"] for s in metrics["validation"]["segments"]}
+    assert {"lead_time missing", "stock on hand <= 0", "deck_risk = Yes"} <= segments
+    assert sum(b["rows"] for b in metrics["holdout"]["reliability"]) == metrics["holdout"]["n_rows"]
 
     evaluated = run_cli(
         "evaluate",

@@ -231,6 +231,7 @@ def test_base_rate_adjustment_moves_the_expected_count_not_the_ranking(fitted, s
         contributions = clf.contributions(pipeline.steps[0][1].transform(rows.head(20)))
     finally:
         clf.adjust_to_base_rate(None)
+
     def logit(p: np.ndarray | float) -> np.ndarray:
         return np.log(np.asarray(p) / (1 - np.asarray(p)))
 

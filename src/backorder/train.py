@@ -212,8 +212,8 @@ def run_training(
     # Always written, even empty, so that a re-run never leaves an earlier run's rejects behind.
     rejects_file = write_table_atomic(output_dir / "rejects.csv", data.rejects)
     metrics_doc = {
-        "validation": validation.metrics,
-        "holdout": holdout_eval.metrics if holdout_eval else None,
+        "validation": _with_tables(validation),
+        "holdout": _with_tables(holdout_eval) if holdout_eval else None,
         "champion_on_holdout": champion_holdout,
         "promotion": asdict(decision),
         "data": {
@@ -226,6 +226,7 @@ def run_training(
             "cv_best_iterations": clf.best_iterations_,
             "calibration_slope": clf.calibration_slope_,
             "calibration_intercept": clf.calibration_intercept_,
+            "training_base_rate": clf.training_base_rate_,
             "fit_seconds": fit_seconds,
         },
     }
@@ -290,6 +291,15 @@ def run_training(
         data=data,
         fit_seconds=fit_seconds,
     )
+
+
+def _with_tables(ev: Evaluation) -> dict[str, Any]:
+    """Metrics plus the report's segment and reliability tables, as plain records."""
+    return {
+        **ev.metrics,
+        "segments": ev.segments.to_dict(orient="records"),
+        "reliability": ev.reliability.to_dict(orient="records"),
+    }
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
