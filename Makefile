@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO   := out/demo
 export BACKORDER_HOME ?= .backorder
 
-.PHONY: setup demo test lint typecheck check bench bench-train bench-quality bench-tune clean
+.PHONY: setup demo serve test lint typecheck check bench bench-train bench-quality bench-tune bench-serve screenshot clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ demo: setup
 	@echo "  predictions        $(DEMO)/predictions.parquet"
 	@echo "  rejects            $(DEMO)/predictions.rejects.parquet"
 	@echo "  model registry     $(BACKORDER_HOME)/mlflow.db (backorder models list)"
+
+# The web page and API on http://127.0.0.1:8000 for the champion `make demo` trained.
+serve: setup
+	$(BIN)/backorder serve
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -52,11 +56,20 @@ bench-quality: setup
 bench-tune: setup
 	$(BIN)/python bench/tune.py --trials 40
 
+# Latency and throughput of `backorder serve` (trains on both shared samples when present).
+bench-serve: setup
+	$(BIN)/python bench/serve_latency.py
+
+# Refresh the README's screenshot of the page (the browser test saves it).
+screenshot: setup
+	SAVE_SCREENSHOT=$(CURDIR)/docs/web-page.png $(BIN)/python -m pytest -q tests/test_live_server.py -k browser
+
 # Every benchmark; the ones that need ../shared say so and skip without it.
 bench: setup
 	$(BIN)/python bench/train_time.py --repeat 3
 	$(BIN)/python bench/crossfile_quality.py
 	$(BIN)/python bench/predict_scale.py --rows 200000 1000000 2000000
+	$(BIN)/python bench/serve_latency.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache .mypy_cache

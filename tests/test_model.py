@@ -100,16 +100,33 @@ def test_threshold_function_on_a_tiny_case() -> None:
     assert t > 0.9 and cost == 1.0
 
 
-def test_contributions_add_up_to_the_probability(fitted, sample) -> None:
+@pytest.mark.parametrize("method", ["path", "shap"])
+def test_contributions_add_up_to_the_probability(fitted, sample, method: str) -> None:
     pipeline, _ = fitted
     rows, _ = sample
     head = rows.head(500)
     features = pipeline.steps[0][1].transform(head)
-    contributions = classifier_of(pipeline).contributions(features)
+    contributions = classifier_of(pipeline).contributions(features, method)
     log_odds = contributions.to_numpy().sum(axis=1)
     np.testing.assert_allclose(
         1 / (1 + np.exp(-log_odds)), backorder_probability(pipeline, head), rtol=1e-9, atol=1e-12
     )
+
+
+def test_path_attributions_credit_only_features_on_the_path(fitted, sample) -> None:
+    """A feature no tree splits on gets exactly zero; the busiest features get the most."""
+    pipeline, _ = fitted
+    rows, _ = sample
+    clf = classifier_of(pipeline)
+    features = pipeline.steps[0][1].transform(rows.head(2000))
+    path = clf.contributions(features).drop(columns="baseline")
+    used = clf.booster_.feature_importance("split") > 0
+    assert (path.loc[:, ~used].to_numpy() == 0).all()
+    shap = clf.contributions(features, "shap").drop(columns="baseline")
+    # Both methods agree on which features matter overall, if not row by row.
+    top_path = set(path.abs().mean().nlargest(5).index)
+    top_shap = set(shap.abs().mean().nlargest(5).index)
+    assert len(top_path & top_shap) >= 3
 
 
 def test_saved_artifact_scores_identically(fitted, sample, tmp_path: Path) -> None:

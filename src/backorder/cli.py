@@ -189,6 +189,20 @@ def predict(
 
 
 @app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    model: ModelOption = "champion",
+    config: ConfigOption = None,
+) -> None:
+    """Serve the web page and the HTTP API (JSON logs on stderr; Ctrl-C stops)."""
+    from backorder.serve import serve as run_server
+
+    settings = _settings(config)
+    _guard(lambda: run_server(settings, host, port, model))
+
+
+@app.command()
 def contract() -> None:
     """Print the data contract (columns, types, allowed values) as Markdown."""
     from backorder.contract import contract_markdown

@@ -87,11 +87,18 @@ class Settings(BaseSettings):
         description="risk_band is 'medium' from this fraction of the decision threshold upwards.",
     )
     reasons_per_row: int = Field(3, ge=1, le=10)
+    reason_method: Literal["path", "shap"] = Field(
+        "path",
+        description=(
+            "How reasons are computed: 'path' (exact path attributions, ~0.5 ms a row) or "
+            "'shap' (exact TreeSHAP, ~8 ms a row with the default model)."
+        ),
+    )
     reasons_for: Literal["all", "watchlist", "none"] = Field(
         "watchlist",
         description=(
-            "Batch rows that get reasons: 'watchlist' = medium and high risk bands. Exact "
-            "contributions cost ~100x a prediction, and planners read them for flagged SKUs."
+            "Batch rows that get reasons: 'watchlist' = medium and high risk bands. Reasons "
+            "cost several times a prediction, and planners read them for flagged SKUs."
         ),
     )
 
@@ -134,6 +141,11 @@ class Settings(BaseSettings):
         0.0, ge=0, description="ROC AUC the challenger may lose against the champion."
     )
 
+    serve_reload_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="How often `backorder serve` checks for a new champion (0 = never).",
+    )
     read_block_bytes: int = Field(
         8 << 20, ge=1 << 16, description="CSV bytes parsed per chunk when streaming."
     )

@@ -6,6 +6,8 @@ calibration slope so that they add up to the calibrated log-odds.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
@@ -118,3 +120,37 @@ def reason_columns(contributions: pd.DataFrame, features: pd.DataFrame, k: int) 
             ]
         out[name] = pd.array(column, dtype="string")
     return pd.DataFrame(out, index=contributions.index)
+
+
+@dataclass(frozen=True)
+class Reason:
+    """One driver of one row's risk: the feature, its share of the log-odds, and the sentence."""
+
+    feature: str
+    contribution: float
+    text: str
+
+
+def top_reasons(contributions: pd.DataFrame, features: pd.DataFrame, k: int) -> list[list[Reason]]:
+    """Per row, the ``k`` largest drivers as structured reasons (the API's form of the columns)."""
+    names = [c for c in contributions.columns if c != "baseline"]
+    return top_reasons_matrix(
+        names, contributions[names].to_numpy(), features[names].to_numpy(dtype="float64"), k
+    )
+
+
+def top_reasons_matrix(
+    names: list[str], matrix: np.ndarray, values: np.ndarray, k: int
+) -> list[list[Reason]]:
+    """``top_reasons`` on arrays: ``matrix`` and ``values`` are rows x ``names``."""
+    k = min(k, len(names))
+    top = np.argpartition(-np.abs(matrix), kth=k - 1, axis=1)[:, :k]
+    picked = np.take_along_axis(matrix, top, axis=1)
+    order = np.take_along_axis(top, np.argsort(-np.abs(picked), axis=1, kind="stable"), axis=1)
+    return [
+        [
+            Reason(names[j], float(matrix[i, j]), reason_text(names[j], values[i, j], matrix[i, j]))
+            for j in order[i]
+        ]
+        for i in range(len(matrix))
+    ]

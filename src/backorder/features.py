@@ -148,6 +148,8 @@ class InventoryFeatures(TransformerMixin, BaseEstimator):
 
     def transform(self, X: pd.DataFrame) -> pd.DataFrame:
         base = X.loc[:, list(FEATURE_COLUMNS)].astype("float64")
+        if self.derived is not None and not self.derived:
+            return base  # the default: the contract columns only
         derived = {d.name: d.compute(base).astype("float64") for d in self._selected()}
         return pd.concat([base, pd.DataFrame(derived, index=base.index)], axis=1)
 

@@ -215,16 +215,78 @@ class BackorderClassifier(ClassifierMixin, BaseEstimator):
     def predict(self, X: pd.DataFrame) -> np.ndarray:
         return (self.predict_proba(X)[:, 1] >= self.decision_threshold_).astype(np.int64)
 
-    def contributions(self, X: pd.DataFrame) -> pd.DataFrame:
-        """Per-row, per-feature contributions (SHAP values) to the calibrated log-odds.
+    def contributions(self, X: pd.DataFrame, method: str = "path") -> pd.DataFrame:
+        """Per-row, per-feature contributions to the calibrated log-odds.
 
         Columns are the features plus ``baseline``; each row sums to the row's log-odds.
+
+        ``path`` (default): path attributions (Saabas). Along each tree's decision path, the
+        change in node value at a split is credited to the split's feature: an exact
+        decomposition of the score for one leaf lookup per tree (~0.5 ms per row).
+        ``shap``: exact TreeSHAP (LightGBM ``pred_contrib``), which spreads credit over feature
+        orderings; ~8 ms per row with ~700 depth-8 trees, too slow for the API's 10 ms budget.
         """
-        raw = np.asarray(self.booster_.predict(X, pred_contrib=True))
-        scaled = raw * self.calibration_slope_
-        scaled[:, -1] += self.calibration_intercept_ + self.base_rate_shift_
-        columns = [*self.booster_.feature_name(), "baseline"]
-        return pd.DataFrame(scaled, index=X.index, columns=columns)
+        matrix, baseline = self.contribution_matrix(X, method)
+        out = pd.DataFrame(matrix, index=X.index, columns=self.booster_.feature_name())
+        out["baseline"] = baseline
+        return out
+
+    def contribution_matrix(
+        self, X: pd.DataFrame | np.ndarray, method: str = "path"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``contributions`` as a (rows x features) array plus each row's baseline; the
+        DataFrame-free form the API uses (pandas costs more than the trees for one row)."""
+        shift = self.calibration_intercept_ + self.base_rate_shift_
+        if method == "shap":
+            shap = np.asarray(self.booster_.predict(X, pred_contrib=True)) * self.calibration_slope_
+            return shap[:, :-1], shap[:, -1] + shift
+        if method != "path":
+            raise ValueError(f"unknown contribution method {method!r} (path or shap)")
+        leaves = np.asarray(self.booster_.predict(X, pred_leaf=True), dtype=np.int64)
+        offsets, table, baseline = self._path_tables()
+        index = leaves.reshape(len(X), -1) + offsets
+        raw = np.empty((len(X), table.shape[1]), dtype="float64")
+        for start in range(0, len(X), 256):  # bounds the gathered block to ~256 x trees x features
+            raw[start : start + 256] = table[index[start : start + 256]].sum(axis=1)
+        baseline_row = self.calibration_slope_ * baseline + shift
+        return raw * self.calibration_slope_, np.full(len(X), baseline_row)
+
+    def _path_tables(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """Per tree and leaf, the feature contributions along the path to that leaf (cached)."""
+        cached = getattr(self, "_path_cache", None)
+        if cached is not None and cached[0] is self.booster_:
+            return cached[1]
+        model = self.booster_.dump_model()
+        n_features = len(model["feature_names"])
+        offsets: list[int] = []
+        rows: list[np.ndarray] = []
+        baseline, n_leaves = 0.0, 0
+        for tree in model["tree_info"]:
+            root = tree["tree_structure"]
+            paths = np.zeros((tree["num_leaves"], n_features))
+            offsets.append(n_leaves)
+            n_leaves += tree["num_leaves"]
+            if "leaf_value" in root:  # a single-leaf tree: a constant, no feature involved
+                baseline += float(root["leaf_value"])
+                rows.append(paths)
+                continue
+            baseline += float(root["internal_value"])
+            stack = [(root, np.zeros(n_features))]
+            while stack:
+                node, credit = stack.pop()
+                for side in ("left_child", "right_child"):
+                    child = node[side]
+                    value = child.get("internal_value", child.get("leaf_value"))
+                    gained = credit.copy()
+                    gained[node["split_feature"]] += float(value) - float(node["internal_value"])
+                    if "leaf_index" in child:
+                        paths[child["leaf_index"]] = gained
+                    else:
+                        stack.append((child, gained))
+            rows.append(paths)
+        tables = (np.asarray(offsets, dtype=np.int64), np.concatenate(rows), baseline)
+        self._path_cache = (self.booster_, tables)
+        return tables
 
     def feature_importance(self) -> pd.Series:
         gain = self.booster_.feature_importance(importance_type="gain")

@@ -17,7 +17,7 @@ from backorder.config import Settings
 from backorder.contract import ORIGINAL_LINE, REASON, ROW_NUMBER, SKU
 from backorder.data import ChunkProgress, validated_chunks
 from backorder.errors import InputFileError
-from backorder.explain import reason_columns, reason_names
+from backorder.explain import Reason, reason_columns, reason_names, top_reasons_matrix
 from backorder.io import InputTable, TableWriter, table_format
 from backorder.model import classifier_of
 from backorder.registry import LoadedModel
@@ -82,11 +82,46 @@ def score_rows(model: LoadedModel, rows: pd.DataFrame, settings: Settings) -> pd
     if explained.any():
         subset = features.loc[explained]
         reasons.loc[explained, names] = reason_columns(
-            clf.contributions(subset), subset, settings.reasons_per_row
+            clf.contributions(subset, settings.reason_method), subset, settings.reasons_per_row
         ).to_numpy()
     out = pd.concat([out, reasons], axis=1)
     out["model_version"] = pd.array([model.version] * len(out), dtype="string")
     return out
+
+
+@dataclass
+class ExplainedScores:
+    """Scores with structured reasons for every row (the API's form)."""
+
+    probability: np.ndarray
+    will_backorder: np.ndarray
+    risk_band: np.ndarray
+    reasons: list[list[Reason]]
+    threshold: float
+
+
+def score_with_reasons(
+    model: LoadedModel, rows: pd.DataFrame, settings: Settings
+) -> ExplainedScores:
+    """Like ``score_rows`` with reasons for every row, as (feature, contribution, text)."""
+    transformer = model.pipeline.steps[0][1]
+    clf = classifier_of(model.pipeline)
+    names = [str(n) for n in clf.feature_names_in_]
+    if transformer.derived is not None and not transformer.derived:
+        values = rows[names].to_numpy(dtype="float64")  # contract columns only: no transform
+    else:
+        values = transformer.transform(rows)[names].to_numpy(dtype="float64")
+    matrix, baseline = clf.contribution_matrix(values, settings.reason_method)
+    # Contributions add up to the log-odds, so one pass over the trees gives both.
+    probability = 1.0 / (1.0 + np.exp(-(matrix.sum(axis=1) + baseline)))
+    threshold = clf.decision_threshold_
+    return ExplainedScores(
+        probability=probability,
+        will_backorder=probability >= threshold,
+        risk_band=risk_band(probability, threshold, settings.watchlist_fraction),
+        reasons=top_reasons_matrix(names, matrix, values, settings.reasons_per_row),
+        threshold=threshold,
+    )
 
 
 def default_rejects_path(output: str | Path) -> Path:

@@ -19,7 +19,7 @@ from sklearn.pipeline import Pipeline
 from backorder.metrics import Evaluation, curves, stock_rule_flags
 from backorder.model import classifier_of
 
-# Rows used for the mean-|contribution| plot: exact contributions cost ~100x a prediction.
+# Rows used for the mean-|contribution| plot: contributions cost several times a prediction.
 CONTRIBUTION_SAMPLE = 2_000
 
 CSS = """
