@@ -161,7 +161,10 @@ def test_model_health_and_metrics(client: TestClient) -> None:
     }
     assert sum(decisions.values()) == 20
     assert "backorder_predicted_probability_bucket" in text
-    assert "backorder_http_request_duration_seconds_bucket" in text
+    assert (
+        'backorder_http_request_duration_seconds_count{method="POST",route="/v1/predict",'
+        'status="422"} 1.0' in text
+    )
 
 
 def test_requests_are_logged_as_json_with_a_request_id(

@@ -139,7 +139,7 @@ class Metrics:
         self.latency = Histogram(
             "backorder_http_request_duration_seconds",
             "Time to answer an HTTP request",
-            ["route", "method"],
+            ["route", "method", "status"],
             buckets=(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
             registry=r,
         )
@@ -336,7 +336,7 @@ class Observe:
         elapsed = time.perf_counter() - started
         route = getattr(scope.get("route"), "path", "unmatched")
         self.metrics.requests.labels(route, scope["method"], str(status)).inc()
-        self.metrics.latency.labels(route, scope["method"]).observe(elapsed)
+        self.metrics.latency.labels(route, scope["method"], str(status)).observe(elapsed)
         log.info(
             "request",
             extra={
