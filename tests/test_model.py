@@ -142,6 +142,25 @@ def test_saved_artifact_scores_identically(fitted, sample, tmp_path: Path) -> No
     assert classifier_of(loaded).decision_threshold_ == classifier_of(pipeline).decision_threshold_
 
 
+def test_artifacts_of_earlier_versions_still_load(fitted, sample, tmp_path: Path) -> None:
+    """Earlier versions wrote derived = null ("all" of their time) and no training base rate."""
+    import json
+
+    pipeline, _ = fitted
+    rows, y = sample
+    save_pipeline(pipeline, tmp_path / "old", {"training_rows": len(y), "training_positives": 9})
+    spec_path = tmp_path / "old" / "model.json"
+    spec = json.loads(spec_path.read_text())
+    spec["features"]["derived"] = None
+    del spec["classifier"]["training_base_rate"]
+    spec_path.write_text(json.dumps(spec))
+    loaded, _ = load_pipeline(tmp_path / "old")
+    np.testing.assert_allclose(
+        backorder_probability(loaded, rows), backorder_probability(pipeline, rows)
+    )
+    assert classifier_of(loaded).training_base_rate_ == pytest.approx(9 / len(y))
+
+
 def test_features_are_stateless_and_finite(sample) -> None:
     rows, _ = sample
     transformer = InventoryFeatures().fit(rows.head(10))

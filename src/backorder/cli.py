@@ -189,6 +189,67 @@ def predict(
 
 
 @app.command()
+def drift(
+    reference: Annotated[str, typer.Option("--reference", help="Data the model learnt from.")],
+    current: Annotated[str, typer.Option("--current", help="The batch to compare with it.")],
+    output: Annotated[Path, typer.Option("--output", help="Folder for the report and figures.")],
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Also compare this model's predicted probabilities."),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Compare a batch with reference data, feature by feature; write an HTML drift report."""
+    from backorder.data import check_inputs, load_rows
+    from backorder.drift import compare, drift_report, prometheus_text
+    from backorder.io import write_json_atomic, write_text_atomic
+    from backorder.model import backorder_probability
+    from backorder.registry import Registry
+
+    settings = _settings(config)
+    block = settings.read_block_bytes
+    _guard(lambda: check_inputs([reference, current], require_label=False, block_bytes=block))
+    ref_rows, ref_read, ref_rejected = _guard(lambda: load_rows(reference, block))
+    cur_rows, cur_read, cur_rejected = _guard(lambda: load_rows(current, block))
+    for name, rows in ((reference, ref_rows), (current, cur_rows)):
+        if rows.empty:
+            _fail(f"{name}: no valid rows to compare", 2)
+    probabilities: tuple[Any, Any] = (None, None)
+    if model is not None:
+        loaded = _guard(lambda: Registry(settings).load(model))
+        probabilities = (
+            backorder_probability(loaded.pipeline, ref_rows),
+            backorder_probability(loaded.pipeline, cur_rows),
+        )
+    result = compare(ref_rows, cur_rows, settings.drift_psi_threshold, *probabilities)
+    summary = result.summary() | {
+        "reference": reference,
+        "current": current,
+        "rejected": {"reference": ref_rejected, "current": cur_rejected},
+        "read": {"reference": ref_read, "current": cur_read},
+    }
+    report = drift_report(result, ref_rows, cur_rows, reference, current)
+    batch = Path(current).name
+
+    def write() -> None:
+        write_text_atomic(output / "drift_report.html", report)
+        write_json_atomic(output / "drift.json", summary)
+        write_text_atomic(output / "drift.prom", prometheus_text(result, batch))
+
+    _guard(write)
+    top = result.features.head(5)
+    out.print(
+        f"compared {result.current_rows:,} rows with {result.reference_rows:,}; drifted (PSI >= "
+        f"{result.threshold:g}): {', '.join(result.drifted) or 'none'}",
+        highlight=False,
+    )
+    for row in top.itertuples():
+        out.print(f"  {row.feature}: PSI {row.psi:.3f}", highlight=False)
+    out.print(f"report:  {output / 'drift_report.html'}", highlight=False)
+    out.print(f"figures: {output / 'drift.json'}, {output / 'drift.prom'}", highlight=False)
+
+
+@app.command()
 def serve(
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,

@@ -141,6 +141,9 @@ class Settings(BaseSettings):
         0.0, ge=0, description="ROC AUC the challenger may lose against the champion."
     )
 
+    drift_psi_threshold: float = Field(
+        0.2, gt=0, description="PSI at which a feature counts as drifted (0.1 moderate, 0.2 large)."
+    )
     serve_reload_seconds: float = Field(
         10.0,
         ge=0,

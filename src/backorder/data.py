@@ -153,3 +153,15 @@ def load_labelled(
         )
     )
     return LabelledData(combined, all_rejects, sources, warnings)
+
+
+def load_rows(uri: str | Path, block_bytes: int) -> tuple[pd.DataFrame, int, int]:
+    """All valid rows of one input (label optional), with the counts read and rejected."""
+    table = InputTable(uri, block_bytes=block_bytes)
+    parts, n_read, n_rejected = [], 0, 0
+    for chunk in validated_chunks(table, require_label=False):
+        parts.append(chunk.rows)
+        n_read += chunk.n_read
+        n_rejected += len(chunk.rejects)
+    rows = pd.concat(parts) if parts else pd.DataFrame(columns=list(FEATURE_COLUMNS))
+    return rows, n_read, n_rejected

@@ -357,7 +357,10 @@ def save_pipeline(pipeline: Pipeline, directory: Path, metadata: dict[str, Any])
     (directory / BOOSTER_FILE).write_text(clf.booster_.model_to_string(), encoding="utf-8")
     spec = {
         "format": ARTIFACT_FORMAT,
-        "features": {"derived": None if features.derived is None else list(features.derived)},
+        # Explicit names, never None ("all"): the set of derived features grows between versions.
+        "features": {
+            "derived": [n for n in features.feature_names_out_ if n not in FEATURE_COLUMNS]
+        },
         "classifier": {
             "params": {k: v for k, v in clf.get_params(deep=False).items() if k != "progress"},
             "calibration_slope": clf.calibration_slope_,
@@ -383,7 +386,9 @@ def load_pipeline(directory: Path) -> tuple[Pipeline, dict[str, Any]]:
     if spec.get("format") != ARTIFACT_FORMAT:
         raise ModelNotFoundError(f"{spec_path}: unsupported model format {spec.get('format')!r}")
     derived = spec["features"]["derived"]
-    features = InventoryFeatures(derived=None if derived is None else tuple(derived)).fit(
+    if derived is None:  # saved as "all" by an earlier version: all it had, per its features
+        derived = [n for n in spec["classifier"]["feature_names"] if n not in FEATURE_COLUMNS]
+    features = InventoryFeatures(derived=tuple(derived)).fit(
         pd.DataFrame(columns=list(FEATURE_COLUMNS))
     )
     c = spec["classifier"]
@@ -394,7 +399,14 @@ def load_pipeline(directory: Path) -> tuple[Pipeline, dict[str, Any]]:
     clf.calibration_slope_ = float(c["calibration_slope"])
     clf.calibration_intercept_ = float(c["calibration_intercept"])
     clf.decision_threshold_ = float(c["decision_threshold"])
-    clf.training_base_rate_ = float(c["training_base_rate"])
+    # Models saved before the base rate was stored: the training counts give it.
+    meta = spec.get("metadata", {})
+    rate = c.get("training_base_rate")
+    if rate is None and meta.get("training_rows"):
+        rate = meta["training_positives"] / meta["training_rows"]
+    if rate is None:
+        raise ModelNotFoundError(f"{spec_path}: no training base rate; retrain this model")
+    clf.training_base_rate_ = float(rate)
     clf.base_rate_shift_ = 0.0
     clf.best_iterations_ = list(c["best_iterations"])
     clf.n_trees_ = int(c["n_trees"])
