@@ -177,6 +177,8 @@ def test_requests_are_logged_as_json_with_a_request_id(
     line = json.loads(JsonFormatter().format(record))
     assert line["request_id"] == "abc123" and line["status"] == 200
     assert line["route"] == "/healthz" and line["duration_ms"] >= 0
+    coloured = logging.makeLogRecord({"msg": "started", "color_message": "\x1b[36mstarted"})
+    assert "color_message" not in json.loads(JsonFormatter().format(coloured))
 
 
 def test_page_form_and_what_if(client: TestClient) -> None:

@@ -96,7 +96,8 @@ FORM_DEFAULTS: dict[str, Any] = {
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message and any ``extra`` fields."""
 
-    RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+    # uvicorn adds "color_message", the same text with terminal colour codes: not for a log file.
+    RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
