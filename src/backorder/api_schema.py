@@ -67,6 +67,10 @@ SkuRecord: type[BaseModel] = create_model(  # type: ignore[call-overload]
 )
 
 
+_FLAGS = frozenset(FLAG_COLUMNS)
+_SENTINEL = dict.fromkeys(PERF_COLUMNS, PERF_SENTINEL)
+
+
 def records_frame(records: Sequence[BaseModel]) -> pd.DataFrame:
     """Validated records as the typed rows the batch path produces (index 1..n, flags 0/1,
     the -99 performance sentinel as missing). Built with numpy: pandas' per-column parsing costs
@@ -87,10 +91,6 @@ def records_frame(records: Sequence[BaseModel]) -> pd.DataFrame:
     )
     typed[SKU] = pd.array(skus, dtype="string")
     return typed
-
-
-_FLAGS = frozenset(FLAG_COLUMNS)
-_SENTINEL = dict.fromkeys(PERF_COLUMNS, PERF_SENTINEL)
 
 
 class PredictRequest(BaseModel):

@@ -86,6 +86,15 @@ def reason_text(feature: str, value: float, contribution: float) -> str:
     return f"{label} = {_value_text(feature, value)} {direction} risk"
 
 
+def _largest(matrix: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the column indices of the ``k`` largest absolute values, largest first."""
+    k = min(k, matrix.shape[1])
+    top = np.argpartition(-np.abs(matrix), kth=k - 1, axis=1)[:, :k]
+    picked = np.take_along_axis(matrix, top, axis=1)
+    order = np.argsort(-np.abs(picked), axis=1, kind="stable")
+    return np.take_along_axis(top, order, axis=1)
+
+
 def _top_k(
     contributions: pd.DataFrame, features: pd.DataFrame, k: int
 ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
@@ -94,11 +103,7 @@ def _top_k(
     names = [c for c in contributions.columns if c != "baseline"]
     matrix = contributions[names].to_numpy()
     values = features[names].to_numpy(dtype="float64")
-    k = min(k, len(names))
-    top = np.argpartition(-np.abs(matrix), kth=k - 1, axis=1)[:, :k]
-    picked = np.take_along_axis(matrix, top, axis=1)
-    order = np.argsort(-np.abs(picked), axis=1, kind="stable")
-    return names, matrix, values, np.take_along_axis(top, order, axis=1)
+    return names, matrix, values, _largest(matrix, k)
 
 
 def reason_names(k: int) -> list[str]:
@@ -131,26 +136,15 @@ class Reason:
     text: str
 
 
-def top_reasons(contributions: pd.DataFrame, features: pd.DataFrame, k: int) -> list[list[Reason]]:
-    """Per row, the ``k`` largest drivers as structured reasons (the API's form of the columns)."""
-    names = [c for c in contributions.columns if c != "baseline"]
-    return top_reasons_matrix(
-        names, contributions[names].to_numpy(), features[names].to_numpy(dtype="float64"), k
-    )
-
-
-def top_reasons_matrix(
+def top_reasons(
     names: list[str], matrix: np.ndarray, values: np.ndarray, k: int
 ) -> list[list[Reason]]:
-    """``top_reasons`` on arrays: ``matrix`` and ``values`` are rows x ``names``."""
-    k = min(k, len(names))
-    top = np.argpartition(-np.abs(matrix), kth=k - 1, axis=1)[:, :k]
-    picked = np.take_along_axis(matrix, top, axis=1)
-    order = np.take_along_axis(top, np.argsort(-np.abs(picked), axis=1, kind="stable"), axis=1)
+    """Per row, the ``k`` largest drivers as structured reasons (the API's form of the
+    reason columns); ``matrix`` (contributions) and ``values`` are rows x ``names``."""
     return [
         [
             Reason(names[j], float(matrix[i, j]), reason_text(names[j], values[i, j], matrix[i, j]))
-            for j in order[i]
+            for j in top
         ]
-        for i in range(len(matrix))
+        for i, top in enumerate(_largest(matrix, k))
     ]

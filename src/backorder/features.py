@@ -147,7 +147,9 @@ class InventoryFeatures(TransformerMixin, BaseEstimator):
         return self
 
     def transform(self, X: pd.DataFrame) -> pd.DataFrame:
-        base = X.loc[:, list(FEATURE_COLUMNS)].astype("float64")
+        base = X.loc[:, list(FEATURE_COLUMNS)]
+        if not (base.dtypes == "float64").all():  # validated rows already are: skip the copy
+            base = base.astype("float64")
         if self.derived is not None and not self.derived:
             return base  # the default: the contract columns only
         derived = {d.name: d.compute(base).astype("float64") for d in self._selected()}

@@ -17,7 +17,7 @@ from backorder.config import Settings
 from backorder.contract import ORIGINAL_LINE, REASON, ROW_NUMBER, SKU
 from backorder.data import ChunkProgress, validated_chunks
 from backorder.errors import InputFileError
-from backorder.explain import Reason, reason_columns, reason_names, top_reasons_matrix
+from backorder.explain import Reason, reason_columns, reason_names, top_reasons
 from backorder.io import InputTable, TableWriter, table_format
 from backorder.model import classifier_of
 from backorder.registry import LoadedModel
@@ -104,13 +104,11 @@ def score_with_reasons(
     model: LoadedModel, rows: pd.DataFrame, settings: Settings
 ) -> ExplainedScores:
     """Like ``score_rows`` with reasons for every row, as (feature, contribution, text)."""
-    transformer = model.pipeline.steps[0][1]
     clf = classifier_of(model.pipeline)
     names = [str(n) for n in clf.feature_names_in_]
-    if transformer.derived is not None and not transformer.derived:
-        values = rows[names].to_numpy(dtype="float64")  # contract columns only: no transform
-    else:
-        values = transformer.transform(rows)[names].to_numpy(dtype="float64")
+    values = (
+        model.pipeline.steps[0][1].transform(rows).to_numpy(dtype="float64")
+    )  # in `names` order
     matrix, baseline = clf.contribution_matrix(values, settings.reason_method)
     # Contributions add up to the log-odds, so one pass over the trees gives both.
     probability = 1.0 / (1.0 + np.exp(-(matrix.sum(axis=1) + baseline)))
@@ -119,7 +117,7 @@ def score_with_reasons(
         probability=probability,
         will_backorder=probability >= threshold,
         risk_band=risk_band(probability, threshold, settings.watchlist_fraction),
-        reasons=top_reasons_matrix(names, matrix, values, settings.reasons_per_row),
+        reasons=top_reasons(names, matrix, values, settings.reasons_per_row),
         threshold=threshold,
     )
 
