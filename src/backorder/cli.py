@@ -16,7 +16,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.table import Table
 
 from backorder.config import Settings, load_settings
-from backorder.errors import BackorderError
+from backorder.errors import BackorderError, ConfigError
 
 app = typer.Typer(
     add_completion=False,
@@ -99,9 +99,38 @@ def _reading_progress() -> Iterator[Callable[[Any], None]]:
         yield on_chunk
 
 
+def _with_tables(uris: list[str], tables: list[str]) -> list[str]:
+    """Pair each database URI that names no table (``URI#TABLE``) with the next --data-table."""
+    from backorder.stores import is_database
+
+    remaining = list(tables)
+    paired = []
+    for uri in uris:
+        if is_database(uri) and "#" not in uri:
+            if not remaining:
+                raise ConfigError(f"{uri}: a database input needs --data-table NAME")
+            paired.append(f"{uri}#{remaining.pop(0)}")
+        else:
+            paired.append(uri)
+    if remaining:
+        raise ConfigError(f"--data-table {remaining[0]}: no database --data left to pair it with")
+    return paired
+
+
 @app.command()
 def train(
-    data: Annotated[list[str], typer.Option("--data", help="Labelled CSV/Parquet; repeatable.")],
+    data: Annotated[
+        list[str],
+        typer.Option(
+            "--data",
+            help="Labelled CSV/Parquet path or URL, or database URI (then --data-table); "
+            "repeatable.",
+        ),
+    ],
+    data_table: Annotated[
+        list[str] | None,
+        typer.Option("--data-table", help="Table for each database --data, in order."),
+    ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", help="Folder for report, metrics and rejects.")
     ] = None,
@@ -111,8 +140,9 @@ def train(
     from backorder.train import run_training
 
     settings = _settings(config)
+    sources = _guard(lambda: _with_tables(data, data_table or []))
     with _reading_progress() as on_chunk:
-        outcome = _guard(lambda: run_training(data, settings, output, _say, on_chunk))
+        outcome = _guard(lambda: run_training(sources, settings, output, _say, on_chunk))
     v = outcome.validation
     out.print(
         f"model v{outcome.version} ({'champion' if outcome.promoted else 'challenger'}): "
@@ -156,34 +186,72 @@ def evaluate(
 
 @app.command()
 def predict(
-    input: Annotated[str, typer.Option("--input", help="CSV/Parquet batch to score.")],
-    output: Annotated[
-        Path, typer.Option("--output", help="Predictions: .parquet, .csv or .csv.gz")
+    input: Annotated[
+        str,
+        typer.Option(
+            "--input",
+            help="Batch to score: CSV/Parquet path or URL (s3://...), or a database URI "
+            "(postgresql://..., mongodb://...) with --input-table.",
+        ),
     ],
+    output: Annotated[
+        str,
+        typer.Option(
+            "--output",
+            help="Predictions: .parquet, .csv or .csv.gz path or URL, or a database URI with "
+            "--output-table.",
+        ),
+    ],
+    input_table: Annotated[
+        str | None, typer.Option("--input-table", help="Table or collection to read.")
+    ] = None,
+    output_table: Annotated[
+        str | None, typer.Option("--output-table", help="Table or collection to write.")
+    ] = None,
     rejects: Annotated[
-        Path | None, typer.Option("--rejects", help="Rejected rows (default: beside the output).")
+        str | None,
+        typer.Option("--rejects", help="Rejected rows (default: beside the output)."),
+    ] = None,
+    rejects_table: Annotated[
+        str | None,
+        typer.Option("--rejects-table", help="Table for rejects (default: OUTPUT_TABLE_rejects)."),
+    ] = None,
+    batch_id: Annotated[
+        str | None,
+        typer.Option(
+            "--batch-id",
+            help="Id of this batch; re-scoring the same id replaces its rows in tables "
+            "(default: the time now, UTC).",
+        ),
     ] = None,
     model: ModelOption = "champion",
     base_rate: BaseRateOption = None,
     config: ConfigOption = None,
 ) -> None:
-    """Score a batch: every row is scored or written to the rejects file with its reason."""
+    """Score a batch: every row is scored or written to the rejects with its reason."""
     from backorder.data import check_inputs
     from backorder.predict import predict_file
     from backorder.registry import Registry
+    from backorder.stores import with_table
 
     settings = _settings(config, scoring_base_rate=base_rate)
+    source = with_table(input, input_table)
+    target = with_table(output, output_table)
+    rejects_target = with_table(rejects or output, rejects_table) if rejects_table else rejects
     _guard(
-        lambda: check_inputs([input], require_label=False, block_bytes=settings.read_block_bytes)
+        lambda: check_inputs([source], require_label=False, block_bytes=settings.read_block_bytes)
     )
     loaded = _guard(lambda: Registry(settings).load(model, settings.scoring_base_rate))
     with _reading_progress() as on_chunk:
         summary = _guard(
-            lambda: predict_file(input, output, loaded, settings, rejects, on_chunk=on_chunk)
+            lambda: predict_file(
+                source, target, loaded, settings, rejects_target, on_chunk, batch_id
+            )
         )
     out.print(summary.line(), highlight=False)
     for warning, count in sorted(summary.warnings.items()):
         err.print(f"warning: {count:,} row(s) with {warning}", highlight=False)
+    out.print(f"batch:       {summary.batch_id}", highlight=False)
     out.print(f"predictions: {summary.output}", highlight=False)
     out.print(f"rejects:     {summary.rejects}", highlight=False)
 

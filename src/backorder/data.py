@@ -20,9 +20,11 @@ from backorder.contract import (
     required_columns,
     validate_chunk,
 )
-from backorder.io import InputTable, broken_rows_frame
+from backorder.io import Source, broken_rows_frame, open_input
+from backorder.stores import redact
 
-ChunkProgress = Callable[[InputTable], None]
+# Called with the input (an InputTable or a database table) after each chunk, for progress.
+ChunkProgress = Callable[[Source], None]
 
 
 @dataclass
@@ -36,7 +38,7 @@ class Chunk:
 
 
 def validated_chunks(
-    table: InputTable, require_label: bool, on_chunk: ChunkProgress | None = None
+    table: Source, require_label: bool, on_chunk: ChunkProgress | None = None
 ) -> Iterator[Chunk]:
     """Validate ``table`` chunk by chunk; each chunk's rows + rejects equal the rows read."""
     table.require(required_columns(require_label))
@@ -56,7 +58,7 @@ def validated_chunks(
 def check_inputs(uris: Sequence[str | Path], require_label: bool, block_bytes: int) -> None:
     """Fail fast on whole-file problems (missing, unreadable, wrong shape) before any work."""
     for uri in uris:
-        InputTable(uri, block_bytes=block_bytes).require(required_columns(require_label))
+        open_input(uri, block_bytes=block_bytes).require(required_columns(require_label))
 
 
 @dataclass
@@ -120,12 +122,13 @@ def load_labelled(
     warnings: Counter[str] = Counter()
     seen: set[int] = set()
     for uri in uris:
-        table = InputTable(uri, block_bytes=block_bytes)
+        name = redact(str(uri))  # names end up in reports and MLflow: no passwords
+        table = open_input(uri, block_bytes=block_bytes)
         parts, n_read, n_rejected = [], 0, 0
         for chunk in validated_chunks(table, require_label=True, on_chunk=on_chunk):
             parts.append(chunk.rows)
             if len(chunk.rejects):
-                rejects.append(chunk.rejects.assign(source=str(uri)))
+                rejects.append(chunk.rejects.assign(source=name))
             n_read += chunk.n_read
             n_rejected += len(chunk.rejects)
             warnings.update(chunk.warnings)
@@ -135,9 +138,9 @@ def load_labelled(
             np.isin(keys, np.fromiter(seen, dtype=np.uint64)) if seen else np.zeros(len(rows), bool)
         )
         seen.update(keys.tolist())
-        rows = rows.loc[~repeated].assign(source=str(uri))
+        rows = rows.loc[~repeated].assign(source=name)
         frames.append(rows)
-        sources.append(SourceSummary(str(uri), n_read, len(rows), n_rejected, int(repeated.sum())))
+        sources.append(SourceSummary(name, n_read, len(rows), n_rejected, int(repeated.sum())))
     combined = pd.concat(frames, ignore_index=False)
     if "sku" in combined.columns:
         combined["sku"] = combined["sku"].astype("string")
@@ -157,7 +160,7 @@ def load_labelled(
 
 def load_rows(uri: str | Path, block_bytes: int) -> tuple[pd.DataFrame, int, int]:
     """All valid rows of one input (label optional), with the counts read and rejected."""
-    table = InputTable(uri, block_bytes=block_bytes)
+    table = open_input(uri, block_bytes=block_bytes)
     parts, n_read, n_rejected = [], 0, 0
     for chunk in validated_chunks(table, require_label=False):
         parts.append(chunk.rows)

@@ -23,3 +23,9 @@ class ModelNotFoundError(BackorderError):
     """The requested model version or alias does not exist in the registry."""
 
     exit_code = 3
+
+
+class OutputError(BackorderError):
+    """An output cannot be written (store unreachable, permission denied, ...)."""
+
+    exit_code = 4

@@ -1,24 +1,31 @@
 """The I/O seam: every input and output of the product goes through this module.
 
-Inputs are paths or fsspec URLs of CSV (optionally gzip-compressed) or Parquet files, read in
-bounded chunks. Outputs are written atomically: to a temporary file beside the target, renamed
-into place only when complete, so an interrupted run never leaves a partial file behind.
+Inputs are paths or fsspec URLs (``s3://bucket/key``: endpoint and credentials come from the
+standard AWS variables, ``AWS_ENDPOINT_URL`` included) of CSV (optionally gzip-compressed) or
+Parquet files, read in bounded chunks, or database tables named ``URI#TABLE`` (see
+``backorder.stores``). Outputs are written atomically: a local file goes to a temporary file
+beside the target and is renamed into place only when complete; a remote object is written to a
+local temporary file and uploaded as one object only when complete (an S3 upload appears whole
+or not at all). An interrupted run never leaves a partial output behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import json
 import os
+import tempfile
 import uuid
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol, overload
 
 import fsspec
+import fsspec.core
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -35,7 +42,7 @@ from backorder.contract import (
     ROW_NUMBER,
     SPECS,
 )
-from backorder.errors import InputFileError
+from backorder.errors import InputFileError, OutputError
 
 GZIP_MAGIC = b"\x1f\x8b"
 PARQUET_MAGIC = b"PAR1"
@@ -87,6 +94,8 @@ class InputTable:
             raise InputFileError(f"{self.uri}: file not found") from None
         except OSError as exc:
             raise InputFileError(f"{self.uri}: cannot be opened ({exc.strerror or exc})") from None
+        except Exception as exc:
+            raise InputFileError(f"{self.uri}: cannot be opened ({_first_line(exc)})") from None
         if info.get("type") == "directory":
             raise InputFileError(f"{self.uri}: is a directory, expected a CSV or Parquet file")
         self.size_bytes: int = int(info.get("size") or 0)
@@ -341,14 +350,41 @@ def _temp_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
+def is_remote(uri: str | Path) -> bool:
+    """True for fsspec URLs other than local files (s3://, gs://, memory://, ...)."""
+    text = str(uri)
+    return "://" in text and not text.startswith("file://")
+
+
+def _local_temp(name: str) -> Path:
+    handle, path = tempfile.mkstemp(prefix="backorder-", suffix=f"-{name}")
+    os.close(handle)
+    return Path(path)
+
+
+def _upload(local: Path, uri: str) -> None:
+    """Put a finished local file at ``uri`` as one object, or fail with a one-line error."""
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        fs.put_file(str(local), path)
+    except Exception as exc:
+        raise OutputError(f"{uri}: cannot be written ({_first_line(exc)})") from None
+
+
 class TableWriter:
-    """Writes a table chunk by chunk to a temporary file; ``commit`` renames it into place."""
+    """Writes a table chunk by chunk to a temporary file; ``commit`` moves it into place."""
 
     def __init__(self, uri: str | Path, template: pd.DataFrame) -> None:
-        self.target = Path(uri)
+        self.uri = str(uri)
+        self.remote = is_remote(uri)
         self.format = table_format(uri)
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.temp = _temp_path(self.target)
+        if self.remote:
+            self.target: Path | None = None
+            self.temp = _local_temp(Path(self.uri).name)
+        else:
+            self.target = Path(uri)
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self.temp = _temp_path(self.target)
         self.rows = 0
         self._schema = pa.Schema.from_pandas(template, preserve_index=False)
         self._parquet: pq.ParquetWriter | None = None
@@ -362,6 +398,9 @@ class TableWriter:
             else:
                 self._text = open(self.temp, "w", encoding="utf-8", newline="")  # noqa: SIM115
             template.iloc[:0].to_csv(self._text, index=False)
+
+    def __str__(self) -> str:
+        return self.uri
 
     def write(self, frame: pd.DataFrame) -> None:
         if frame.empty:
@@ -385,18 +424,29 @@ class TableWriter:
     def commit(self) -> None:
         self._close()
         try:
-            os.replace(self.temp, self.target)
-        except OSError:
+            if self.target is None:
+                _upload(self.temp, self.uri)
+            else:
+                os.replace(self.temp, self.target)
+        finally:
             self.temp.unlink(missing_ok=True)
-            raise
 
     def abort(self) -> None:
         self._close()
         self.temp.unlink(missing_ok=True)
 
+    def discard(self) -> None:
+        """Remove a committed output again (its sibling output failed)."""
+        if self.target is not None:
+            self.target.unlink(missing_ok=True)
+            return
+        with contextlib.suppress(Exception):  # the store may be the reason the sibling failed
+            fs, path = fsspec.core.url_to_fs(self.uri)
+            fs.rm_file(path)
+
 
 def write_table_atomic(path: str | Path, frame: pd.DataFrame) -> Path:
-    """Write a whole table (Parquet or CSV, by extension) atomically."""
+    """Write a whole local table (Parquet or CSV, by extension) atomically."""
     writer = TableWriter(path, frame.iloc[:0])
     try:
         writer.write(frame)
@@ -404,11 +454,24 @@ def write_table_atomic(path: str | Path, frame: pd.DataFrame) -> Path:
         writer.abort()
         raise
     writer.commit()
+    assert writer.target is not None
     return writer.target
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a whole text file atomically."""
+@overload
+def write_text_atomic(path: Path, text: str) -> Path: ...
+@overload
+def write_text_atomic(path: str | Path, text: str) -> str | Path: ...
+def write_text_atomic(path: str | Path, text: str) -> str | Path:
+    """Write a whole text file (local path or fsspec URL) atomically."""
+    if is_remote(path):
+        temp = _local_temp(Path(str(path)).name)
+        try:
+            temp.write_text(text, encoding="utf-8")
+            _upload(temp, str(path))
+        finally:
+            temp.unlink(missing_ok=True)
+        return str(path)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = _temp_path(target)
@@ -420,7 +483,11 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return target
 
 
-def write_json_atomic(path: str | Path, payload: Any) -> Path:
+@overload
+def write_json_atomic(path: Path, payload: Any) -> Path: ...
+@overload
+def write_json_atomic(path: str | Path, payload: Any) -> str | Path: ...
+def write_json_atomic(path: str | Path, payload: Any) -> str | Path:
     return write_text_atomic(
         path, json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n"
     )
@@ -432,3 +499,55 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# -- choosing a source or sink -----------------------------------------------------------------
+class Source(Protocol):
+    """What readers need of an input, whether a file or a database table."""
+
+    uri: str
+    columns: list[str]
+    size_bytes: int
+
+    @property
+    def has_label(self) -> bool: ...
+
+    def require(self, required: tuple[str, ...] | list[str]) -> None: ...
+
+    def chunks(self) -> Iterator[RawChunk]: ...
+
+    def position(self) -> int: ...
+
+
+class Sink(Protocol):
+    """What writers offer: rows in chunks, then all of them at once (commit) or none (abort)."""
+
+    rows: int
+
+    def write(self, frame: pd.DataFrame) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def discard(self) -> None: ...
+
+
+def open_input(uri: str | Path, block_bytes: int = 8 << 20) -> Source:
+    """An input file (``InputTable``) or database table (``URI#TABLE``), opened and checked."""
+    from backorder.stores import is_database, open_database_input
+
+    if is_database(str(uri)):
+        return open_database_input(str(uri), block_rows=max(10_000, block_bytes // 200))
+    return InputTable(uri, block_bytes=block_bytes)
+
+
+def open_output(
+    uri: str | Path, template: pd.DataFrame, batch_id: str, rejects: bool = False
+) -> Sink:
+    """A writer with ``write``/``commit``/``abort`` for a file, object or database table."""
+    from backorder.stores import is_database, open_database_output
+
+    if is_database(str(uri)):
+        return open_database_output(str(uri), template, batch_id, rejects)
+    return TableWriter(uri, template)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,10 @@ from backorder.contract import ORIGINAL_LINE, REASON, ROW_NUMBER, SKU
 from backorder.data import ChunkProgress, validated_chunks
 from backorder.errors import InputFileError
 from backorder.explain import Reason, reason_columns, reason_names, top_reasons
-from backorder.io import InputTable, TableWriter, table_format
+from backorder.io import is_remote, open_input, open_output, table_format
 from backorder.model import classifier_of
 from backorder.registry import LoadedModel
+from backorder.stores import is_database, redact, split_table
 
 RISK_BANDS = ("low", "medium", "high")
 
@@ -122,21 +124,32 @@ def score_with_reasons(
     )
 
 
-def default_rejects_path(output: str | Path) -> Path:
-    """``x.parquet`` -> ``x.rejects.parquet``, ``x.csv.gz`` -> ``x.rejects.csv.gz``."""
-    out = Path(output)
-    fmt = table_format(out)
-    stem = out.name[: -len(".csv.gz")] if fmt == "csv.gz" else out.stem
-    suffix = ".csv.gz" if fmt == "csv.gz" else out.suffix
-    return out.with_name(f"{stem}.rejects{suffix}")
+def default_rejects_path(output: str | Path) -> str:
+    """``x.parquet`` -> ``x.rejects.parquet``, ``x.csv.gz`` -> ``x.rejects.csv.gz``;
+    a table ``URI#predictions`` -> ``URI#predictions_rejects``."""
+    text = str(output)
+    if is_database(text):
+        base, table = split_table(text)
+        return f"{base}#{table}_rejects"
+    fmt = table_format(text)
+    head, _, name = text.rpartition("/")
+    stem = name[: -len(".csv.gz")] if fmt == "csv.gz" else name.rsplit(".", 1)[0]
+    suffix = ".csv.gz" if fmt == "csv.gz" else "." + name.rsplit(".", 1)[1]
+    return f"{head}/{stem}.rejects{suffix}" if head else f"{stem}.rejects{suffix}"
+
+
+def new_batch_id(now: datetime | None = None) -> str:
+    """A batch id: the time in ISO-8601 basic format, UTC, so ids sort by time."""
+    return f"{(now or datetime.now(UTC)):%Y%m%dT%H%M%SZ}"
 
 
 @dataclass
 class PredictionSummary:
     input: str
-    output: Path
-    rejects: Path
+    output: str
+    rejects: str
     model_version: str
+    batch_id: str
     read: int = 0
     scored: int = 0
     rejected: int = 0
@@ -149,6 +162,21 @@ class PredictionSummary:
             f"rejected {self.rejected:,}; model v{self.model_version}"
         )
 
+    def counts(self) -> dict[str, int]:
+        return {
+            "read": self.read,
+            "scored": self.scored,
+            "rejected": self.rejected,
+            "flagged": self.flagged,
+        }
+
+
+def _check_output(uri: str) -> None:
+    if is_database(uri):
+        split_table(uri)
+    else:
+        table_format(uri)
+
 
 def predict_file(
     input_uri: str | Path,
@@ -157,17 +185,30 @@ def predict_file(
     settings: Settings,
     rejects: str | Path | None = None,
     on_chunk: ChunkProgress | None = None,
+    batch_id: str | None = None,
 ) -> PredictionSummary:
-    """Score a file chunk by chunk; outputs appear atomically only if the whole run succeeds."""
-    output = Path(output)
-    rejects_path = Path(rejects) if rejects else default_rejects_path(output)
-    table_format(output)
-    table_format(rejects_path)
-    table = InputTable(input_uri, block_bytes=settings.read_block_bytes)
-    same = {Path(str(input_uri)).resolve()} & {output.resolve(), rejects_path.resolve()}
-    if same:
-        raise InputFileError(f"{output}: output would overwrite the input {input_uri}")
-    summary = PredictionSummary(str(input_uri), output, rejects_path, model.version)
+    """Score an input chunk by chunk into predictions and rejects (files, objects or tables).
+
+    Outputs appear only if the whole run succeeds: files are renamed into place, objects are
+    uploaded whole, a table's batch is replaced in one transaction.
+    """
+    output_uri = str(output)
+    rejects_uri = str(rejects) if rejects else default_rejects_path(output_uri)
+    _check_output(output_uri)
+    _check_output(rejects_uri)
+    batch_id = batch_id or new_batch_id()
+    table = open_input(input_uri, block_bytes=settings.read_block_bytes)
+    local = [u for u in (output_uri, rejects_uri) if not is_remote(u) and not is_database(u)]
+    input_is_local = not is_remote(str(input_uri)) and not is_database(str(input_uri))
+    if input_is_local and Path(str(input_uri)).resolve() in {Path(u).resolve() for u in local}:
+        raise InputFileError(f"{output_uri}: output would overwrite the input {input_uri}")
+    summary = PredictionSummary(
+        redact(str(input_uri)),
+        redact(output_uri),
+        redact(rejects_uri),
+        model.version,
+        batch_id,
+    )
     reject_template = pd.DataFrame(
         {
             ROW_NUMBER: pd.Series(dtype="int64"),
@@ -176,8 +217,12 @@ def predict_file(
             ORIGINAL_LINE: pd.Series(dtype="string"),
         }
     )
-    predictions = TableWriter(output, _template(settings.reasons_per_row))
-    quarantine = TableWriter(rejects_path, reject_template)
+    predictions = open_output(output_uri, _template(settings.reasons_per_row), batch_id)
+    try:
+        quarantine = open_output(rejects_uri, reject_template, batch_id, rejects=True)
+    except BaseException:
+        predictions.abort()
+        raise
     try:
         for chunk in validated_chunks(table, require_label=False, on_chunk=on_chunk):
             summary.read += chunk.n_read
@@ -195,8 +240,13 @@ def predict_file(
                 f"row counts do not reconcile: read {summary.read}, scored {summary.scored}, "
                 f"rejected {summary.rejected}"
             )
-        predictions.commit()
+        # Rejects first: a consumer that sees the predictions can rely on the rejects being there.
         quarantine.commit()
+        try:
+            predictions.commit()
+        except BaseException:
+            quarantine.discard()  # all or nothing: no rejects without their predictions
+            raise
     except BaseException:
         # abort() after a commit only removes a leftover temporary file.
         predictions.abort()

@@ -34,6 +34,7 @@ from backorder.metrics import Evaluation, evaluate_predictions, flat_metrics
 from backorder.model import backorder_probability, build_pipeline, classifier_of
 from backorder.registry import Registry
 from backorder.report import evaluation_sections, render, table
+from backorder.stores import redact
 
 HASH_BUCKETS = 10_000
 
@@ -242,7 +243,7 @@ def run_training(
         "cost_false_alarm": settings.cost_false_alarm,
         "random_seed": settings.random_seed,
         "trees": clf.n_trees_,
-        "inputs": ",".join(str(u) for u in uris),
+        "inputs": ",".join(redact(str(u)) for u in uris),
     }
     mlflow_metrics = {f"validation_{k}": v for k, v in flat_metrics(validation.metrics).items()}
     if holdout_eval:

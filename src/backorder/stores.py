@@ -1,0 +1,471 @@
+"""Database tables as inputs and outputs: PostgreSQL (any SQLAlchemy URL) and MongoDB.
+
+A table is named by ``URI#TABLE`` (the CLI's ``--input-table`` / ``--output-table`` build it).
+Inputs stream in bounded chunks like files do. Outputs are idempotent per batch: re-scoring a
+batch replaces its rows, never adds to them.
+
+- SQL: one transaction per batch: delete the batch's rows, insert the new ones, commit. Readers
+  see the old rows or the new ones, never a mix, and a failed run leaves the old rows.
+- MongoDB: multi-document transactions need a replica set, which a plain server does not have,
+  so documents carry the id of the run that wrote them. A run inserts its documents and then,
+  only once all are in, deletes the batch's documents from any other run; a failed run deletes
+  its own. The code is plain pymongo so that a real MongoDB works unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pandas as pd
+
+from backorder.errors import InputFileError
+
+SQL_SCHEMES = ("postgresql", "postgres", "sqlite", "mysql", "mariadb", "mssql", "oracle")
+MONGO_SCHEMES = ("mongodb", "mongodb+srv")
+BATCH_ID = "batch_id"
+RUN_ID = "run_id"
+
+
+def scheme_of(uri: str) -> str:
+    head, sep, _ = uri.partition("://")
+    return head.split("+")[0].lower() if sep else ""
+
+
+def is_sql(uri: str) -> bool:
+    return scheme_of(uri) in SQL_SCHEMES
+
+
+def is_mongo(uri: str) -> bool:
+    return uri.partition("://")[0].lower() in MONGO_SCHEMES
+
+
+def is_database(uri: str) -> bool:
+    return is_sql(uri) or is_mongo(uri)
+
+
+def split_table(uri: str) -> tuple[str, str]:
+    """``postgresql://h/db#predictions`` -> (``postgresql://h/db``, ``predictions``)."""
+    base, sep, table = uri.rpartition("#")
+    if not sep or not table or "/" in table:
+        raise InputFileError(f"{redact(uri)}: name a table (--input-table / --output-table)")
+    return base, table
+
+
+def with_table(uri: str, table: str | None) -> str:
+    return f"{uri}#{table}" if table else uri
+
+
+def redact(uri: str) -> str:
+    """The URI without a password, for messages and manifests."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep or "@" not in rest.split("/")[0]:
+        return uri
+    credentials, _, host = rest.partition("@")
+    user = credentials.split(":")[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in credentials else uri
+
+
+def sqlalchemy_url(uri: str) -> str:
+    # psycopg 3 is the driver we ship; plain postgresql:// would ask SQLAlchemy for psycopg2.
+    scheme, _, rest = uri.partition("://")
+    if scheme in ("postgresql", "postgres"):
+        return f"postgresql+psycopg://{rest}"
+    return uri
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+def _canonical(name: str) -> str:
+    return name.replace("\ufeff", "").strip().strip('"').strip().lower()
+
+
+class DatabaseInput:
+    """Rows of a SQL table or MongoDB collection, with ``InputTable``'s reading interface."""
+
+    format = "table"
+    size_bytes = 0
+
+    def __init__(self, uri: str, block_rows: int = 50_000) -> None:
+        from backorder.contract import FEATURE_COLUMNS, LABEL, SPECS
+
+        self.uri = uri
+        self.base, self.table = split_table(uri)
+        self.block_rows = block_rows
+        self._rows_read = 0
+        self.raw_columns = self._open()
+        canonical = [_canonical(c) for c in self.raw_columns]
+        if not any(name in FEATURE_COLUMNS for name in canonical):
+            raise InputFileError(
+                f"{self.name}: has none of the expected columns (national_inv, lead_time, ...)"
+            )
+        self.columns = [
+            c if c in SPECS else raw for raw, c in zip(self.raw_columns, canonical, strict=True)
+        ]
+        self._label = LABEL
+
+    @property
+    def name(self) -> str:
+        return f"{redact(self.base)}#{self.table}"
+
+    def _open(self) -> list[str]:
+        raise NotImplementedError
+
+    def _batches(self) -> Iterator[list[dict[str, Any]] | list[tuple[Any, ...]]]:
+        raise NotImplementedError
+
+    def require(self, required: tuple[str, ...] | list[str]) -> None:
+        missing = [c for c in required if c not in self.columns]
+        if missing:
+            raise InputFileError(f"{self.name}: missing required column(s) {', '.join(missing)}")
+
+    @property
+    def has_label(self) -> bool:
+        return self._label in self.columns
+
+    def position(self) -> int:
+        return self._rows_read
+
+    def chunks(self) -> Iterator[Any]:
+        from backorder.io import RawChunk
+
+        for batch in self._batches():
+            frame = self._frame(batch)
+            frame.index = pd.RangeIndex(self._rows_read + 1, self._rows_read + 1 + len(frame))
+            self._rows_read += len(frame)
+            yield RawChunk(frame)
+        if self._rows_read == 0:
+            raise InputFileError(f"{self.name}: table has no rows")
+
+    def _frame(self, batch: Any) -> pd.DataFrame:
+        raise NotImplementedError
+
+
+class SqlInput(DatabaseInput):
+    def _open(self) -> list[str]:
+        import sqlalchemy as sa
+
+        try:
+            self._engine = sa.create_engine(sqlalchemy_url(self.base))
+            with self._engine.connect() as connection:
+                self._table = sa.Table(self.table, sa.MetaData(), autoload_with=connection)
+        except sa.exc.NoSuchTableError:
+            raise InputFileError(f"{self.name}: table not found") from None
+        except (sa.exc.SQLAlchemyError, ImportError, ValueError) as exc:
+            raise InputFileError(f"{self.name}: cannot be read ({_first_line(exc)})") from None
+        return [c.name for c in self._table.columns]
+
+    def _batches(self) -> Iterator[list[tuple[Any, ...]]]:
+        import sqlalchemy as sa
+
+        try:
+            with self._engine.connect() as connection:
+                # A server-side cursor: memory holds one chunk, whatever the table's size.
+                result = connection.execution_options(
+                    stream_results=True, yield_per=self.block_rows
+                ).execute(sa.select(self._table))
+                for partition in result.partitions(self.block_rows):
+                    yield [tuple(row) for row in partition]
+        except sa.exc.SQLAlchemyError as exc:
+            raise InputFileError(f"{self.name}: cannot be read ({_first_line(exc)})") from None
+        finally:
+            self._engine.dispose()
+
+    def _frame(self, batch: Any) -> pd.DataFrame:
+        return pd.DataFrame.from_records(batch, columns=self.raw_columns).set_axis(
+            self.columns, axis=1
+        )
+
+
+class MongoInput(DatabaseInput):
+    def _open(self) -> list[str]:
+        import pymongo
+        import pymongo.errors
+
+        try:
+            self._client: Any = pymongo.MongoClient(self.base, serverSelectionTimeoutMS=10_000)
+            database = self._client.get_default_database()
+            if self.table not in database.list_collection_names():
+                raise InputFileError(f"{self.name}: collection not found")
+            self._collection = database[self.table]
+            first = self._collection.find_one({}, projection={"_id": False})
+        except pymongo.errors.ConfigurationError as exc:
+            raise InputFileError(
+                f"{self.name}: name the database in the URI ({_first_line(exc)})"
+            ) from None
+        except pymongo.errors.PyMongoError as exc:
+            raise InputFileError(f"{self.name}: cannot be read ({_first_line(exc)})") from None
+        if first is None:
+            raise InputFileError(f"{self.name}: collection has no documents")
+        return list(first)
+
+    def _batches(self) -> Iterator[list[dict[str, Any]]]:
+        import pymongo.errors
+
+        try:
+            cursor = self._collection.find(
+                {}, projection={"_id": False}, batch_size=min(self.block_rows, 10_000)
+            ).sort("_id", 1)
+            batch: list[dict[str, Any]] = []
+            for document in cursor:
+                batch.append(document)
+                if len(batch) >= self.block_rows:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+        except pymongo.errors.PyMongoError as exc:
+            raise InputFileError(f"{self.name}: cannot be read ({_first_line(exc)})") from None
+        finally:
+            self._client.close()
+
+    def _frame(self, batch: Any) -> pd.DataFrame:
+        # Documents may differ in fields: every document gets the first one's columns.
+        frame = pd.DataFrame.from_records(batch, columns=self.raw_columns)
+        return frame.set_axis(self.columns, axis=1)
+
+
+def open_database_input(uri: str, block_rows: int) -> DatabaseInput:
+    return MongoInput(uri, block_rows) if is_mongo(uri) else SqlInput(uri, block_rows)
+
+
+# -- outputs -----------------------------------------------------------------------------------
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows as dicts of plain Python values, missing values as None."""
+    out: list[dict[str, Any]] = (
+        frame.astype(object).where(frame.notna(), None).to_dict("records")  # type: ignore[assignment]
+    )
+    for record in out:
+        for key, value in record.items():
+            if isinstance(value, float) and math.isnan(value):
+                record[key] = None
+    return out
+
+
+def _rejects_record(frame: pd.DataFrame, fixed: list[str]) -> pd.DataFrame:
+    """Rejects keep their fixed columns; the input's own fields go into one JSON column, since
+    they differ from input to input and a table's columns cannot."""
+    fields = [c for c in frame.columns if c not in fixed]
+    payload = frame[fields].astype(object).where(frame[fields].notna(), None)
+    out = frame[[c for c in fixed if c in frame.columns]].copy()
+    out["record"] = [json.dumps(r, default=str) for r in payload.to_dict("records")]
+    return out
+
+
+class DatabaseOutput:
+    """One batch's rows, written to a table so that the batch appears once or not at all."""
+
+    def __init__(
+        self, uri: str, template: pd.DataFrame, batch_id: str, rejects: bool = False
+    ) -> None:
+        self.uri = uri
+        self.base, self.table = split_table(uri)
+        self.batch_id = batch_id
+        self.rows = 0
+        self.rejects = rejects
+        self.template = template
+
+    @property
+    def name(self) -> str:
+        return f"{redact(self.base)}#{self.table}"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def write(self, frame: pd.DataFrame) -> None:
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def discard(self) -> None:
+        """Remove this run's committed rows again (a sibling output failed)."""
+        raise NotImplementedError
+
+    def _shape(self, frame: pd.DataFrame) -> pd.DataFrame:
+        from backorder.contract import REASON, ROW_NUMBER
+
+        if self.rejects:
+            frame = _rejects_record(frame, [ROW_NUMBER, REASON])
+        return frame
+
+
+class SqlOutput(DatabaseOutput):
+    def __init__(
+        self, uri: str, template: pd.DataFrame, batch_id: str, rejects: bool = False
+    ) -> None:
+        import sqlalchemy as sa
+
+        super().__init__(uri, template, batch_id, rejects)
+        shaped = self._shape(template)
+        types: dict[str, Any] = {
+            "int64": sa.BigInteger(),
+            "float64": sa.Float(precision=53),
+            "bool": sa.Boolean(),
+        }
+        columns = [
+            sa.Column(BATCH_ID, sa.String(40), primary_key=True),
+            *[
+                sa.Column(
+                    str(name),
+                    types.get(str(dtype), sa.Text()),
+                    primary_key=name == "row_number",
+                )
+                for name, dtype in shaped.dtypes.items()
+            ],
+        ]
+        self._table = sa.Table(self.table, sa.MetaData(), *columns)
+        try:
+            self._engine = sa.create_engine(sqlalchemy_url(self.base))
+            self._connection: Any = self._engine.connect()
+            self._transaction = self._connection.begin()
+            self._table.create(self._connection, checkfirst=True)
+            self._check_columns()
+            # Re-scoring replaces the batch: its old rows go in the same transaction.
+            self._connection.execute(
+                self._table.delete().where(self._table.c[BATCH_ID] == batch_id)
+            )
+        except sa.exc.SQLAlchemyError as exc:
+            self.abort()
+            raise InputFileError(f"{self.name}: cannot be written ({_first_line(exc)})") from None
+
+    def _check_columns(self) -> None:
+        import sqlalchemy as sa
+
+        existing = {c["name"] for c in sa.inspect(self._connection).get_columns(self.table)}
+        missing = [c.name for c in self._table.columns if c.name not in existing]
+        if missing:
+            raise InputFileError(
+                f"{self.name}: existing table lacks column(s) {', '.join(missing)}; "
+                "use a new table or add them"
+            )
+
+    def write(self, frame: pd.DataFrame) -> None:
+        import sqlalchemy as sa
+
+        if frame.empty:
+            return
+        records = _records(self._shape(frame))
+        for record in records:
+            record[BATCH_ID] = self.batch_id
+        try:
+            self._connection.execute(self._table.insert(), records)
+        except sa.exc.SQLAlchemyError as exc:
+            raise InputFileError(f"{self.name}: cannot be written ({_first_line(exc)})") from None
+        self.rows += len(frame)
+
+    def commit(self) -> None:
+        import sqlalchemy as sa
+
+        try:
+            self._transaction.commit()
+        except sa.exc.SQLAlchemyError as exc:
+            raise InputFileError(f"{self.name}: commit failed ({_first_line(exc)})") from None
+        finally:
+            self._close()
+
+    def abort(self) -> None:
+        # The connection may be gone already, and its transaction with it: nothing to undo.
+        with contextlib.suppress(Exception):
+            if getattr(self, "_transaction", None) is not None and self._transaction.is_active:
+                self._transaction.rollback()
+        self._close()
+
+    def discard(self) -> None:
+        import sqlalchemy as sa
+
+        with contextlib.suppress(sa.exc.SQLAlchemyError), self._engine.begin() as connection:
+            connection.execute(self._table.delete().where(self._table.c[BATCH_ID] == self.batch_id))
+        self._engine.dispose()
+
+    def _close(self) -> None:
+        connection = getattr(self, "_connection", None)
+        if connection is not None:
+            connection.close()
+            self._connection = None
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.dispose()
+
+
+class MongoOutput(DatabaseOutput):
+    def __init__(
+        self, uri: str, template: pd.DataFrame, batch_id: str, rejects: bool = False
+    ) -> None:
+        import pymongo
+        import pymongo.errors
+
+        super().__init__(uri, template, batch_id, rejects)
+        self.run_id = uuid.uuid4().hex
+        try:
+            self._client: Any = pymongo.MongoClient(self.base, serverSelectionTimeoutMS=10_000)
+            self._collection = self._client.get_default_database()[self.table]
+            self._collection.create_index(
+                [(BATCH_ID, 1), (RUN_ID, 1), ("row_number", 1)], unique=True
+            )
+        except pymongo.errors.ConfigurationError as exc:
+            raise InputFileError(
+                f"{self.name}: name the database in the URI ({_first_line(exc)})"
+            ) from None
+        except pymongo.errors.PyMongoError as exc:
+            raise InputFileError(f"{self.name}: cannot be written ({_first_line(exc)})") from None
+
+    def write(self, frame: pd.DataFrame) -> None:
+        import pymongo.errors
+
+        if frame.empty:
+            return
+        shaped = self._shape(frame)
+        records = _records(shaped)
+        for record in records:
+            record[BATCH_ID] = self.batch_id
+            record[RUN_ID] = self.run_id
+            if self.rejects:
+                record["record"] = json.loads(record["record"])
+        try:
+            self._collection.insert_many(records, ordered=False)
+        except pymongo.errors.PyMongoError as exc:
+            raise InputFileError(f"{self.name}: cannot be written ({_first_line(exc)})") from None
+        self.rows += len(frame)
+
+    def commit(self) -> None:
+        import pymongo.errors
+
+        try:
+            self._collection.delete_many({BATCH_ID: self.batch_id, RUN_ID: {"$ne": self.run_id}})
+        except pymongo.errors.PyMongoError as exc:
+            raise InputFileError(f"{self.name}: commit failed ({_first_line(exc)})") from None
+        finally:
+            self._client.close()
+
+    def abort(self) -> None:
+        # The server may be gone; then the next successful run of the batch cleans up.
+        with contextlib.suppress(Exception):
+            self._collection.delete_many({BATCH_ID: self.batch_id, RUN_ID: self.run_id})
+        self._client.close()
+
+    def discard(self) -> None:
+        import pymongo
+
+        client: Any = pymongo.MongoClient(self.base, serverSelectionTimeoutMS=10_000)
+        with contextlib.suppress(Exception):
+            collection = client.get_default_database()[self.table]
+            collection.delete_many({BATCH_ID: self.batch_id, RUN_ID: self.run_id})
+        client.close()
+
+
+def open_database_output(
+    uri: str, template: pd.DataFrame, batch_id: str, rejects: bool = False
+) -> DatabaseOutput:
+    kind = MongoOutput if is_mongo(uri) else SqlOutput
+    return kind(uri, template, batch_id, rejects)
