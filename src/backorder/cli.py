@@ -317,6 +317,120 @@ def drift(
     out.print(f"figures: {output / 'drift.json'}, {output / 'drift.prom'}", highlight=False)
 
 
+RootOption = Annotated[
+    str | None,
+    typer.Option(
+        "--root", help="Landing folder or URL (s3://bucket/prefix); default HOME/landing."
+    ),
+]
+
+
+@app.command()
+def land(
+    input: Annotated[str, typer.Option("--input", help="CSV/Parquet file to land.")],
+    kind: Annotated[
+        str, typer.Option("--kind", help="'unscored' (to be scored) or 'labelled' (history).")
+    ] = "unscored",
+    batch_id: Annotated[
+        str | None, typer.Option("--batch-id", help="Default: the time now, UTC.")
+    ] = None,
+    root: RootOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Drop a file into the landing layout under a batch id, for the pipelines to pick up."""
+    from backorder.pipelines import LABELLED, UNSCORED, Landing
+
+    if kind not in (LABELLED, UNSCORED):
+        _fail(f"--kind {kind}: expected {UNSCORED} or {LABELLED}", 2)
+    settings = _settings(config, landing_root=root)
+    uri = _guard(lambda: Landing(settings.resolved_landing_root).land(input, kind, batch_id))
+    out.print(f"landed: {uri}", highlight=False)
+
+
+@app.command()
+def batches(
+    root: RootOption = None,
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show the manifest (what was scored or trained, when, by which model) and what waits."""
+    import pandas as pd
+
+    from backorder.pipelines import (
+        LABELLED,
+        UNSCORED,
+        Landing,
+        manifest_frame,
+        pending_scoring,
+        pending_training,
+    )
+
+    settings = _settings(config, landing_root=root)
+    where = settings.resolved_landing_root
+    frame = _guard(lambda: manifest_frame(where))
+    waiting = {
+        "unscored": _guard(lambda: pending_scoring(where)),
+        "labelled": _guard(lambda: pending_training(where)),
+    }
+    landing = Landing(where)
+    strays = {k: landing.strays(k) for k in (UNSCORED, LABELLED)}
+    if as_json:
+        payload = {
+            "root": where,
+            "manifest": json.loads(frame.to_json(orient="records")),
+            "waiting": waiting,
+            "ignored": strays,
+        }
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        return
+    out.print(f"landing root: {where}", highlight=False)
+    if frame.empty:
+        out.print("manifest: empty")
+    else:
+        grid = Table(*frame.columns)
+        for row in frame.itertuples(index=False):
+            grid.add_row(*["–" if pd.isna(v) else str(v) for v in row])
+        out.print(grid)
+    for kind, ids in waiting.items():
+        out.print(f"waiting ({kind}): {', '.join(ids) or 'none'}", highlight=False)
+    for kind, names in strays.items():
+        if names:
+            err.print(
+                f"warning: {kind}/ holds files whose names are not batch ids "
+                f"(YYYYMMDDTHHMMSSZ[_label]): {', '.join(names)}",
+                highlight=False,
+            )
+
+
+@app.command("score-pending")
+def score_pending(root: RootOption = None, config: ConfigOption = None) -> None:
+    """Score every landed batch not scored yet (what the daily DAG does), oldest first."""
+    from backorder.pipelines import score_pending as run
+
+    settings = _settings(config, landing_root=root)
+    done = _guard(lambda: run(settings.resolved_landing_root, settings, _say))
+    out.print(f"scored {len(done)} batch(es)", highlight=False)
+
+
+@app.command("train-pending")
+def train_pending(root: RootOption = None, config: ConfigOption = None) -> None:
+    """Retrain on all labelled batches if new ones landed (what the weekly DAG does)."""
+    from backorder.pipelines import train_if_new
+
+    settings = _settings(config, landing_root=root)
+    decided = _guard(lambda: train_if_new(settings.resolved_landing_root, settings, _say))
+    if decided is None:
+        out.print("no new labelled batches; nothing trained")
+        return
+    out.print(
+        f"model v{decided['version']} "
+        f"({'promoted to champion' if decided['promoted'] else 'kept as challenger'}): "
+        f"{decided['reason']}",
+        highlight=False,
+    )
+    out.print(f"report: {decided['report']}", highlight=False)
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",

@@ -144,6 +144,26 @@ class Settings(BaseSettings):
     drift_psi_threshold: float = Field(
         0.2, gt=0, description="PSI at which a feature counts as drifted (0.1 moderate, 0.2 large)."
     )
+    drift_policy: Literal["warn", "block_training", "block_scoring", "block_both"] = Field(
+        "warn",
+        description=(
+            "What the pipelines do when a batch drifts from the champion's training data: only "
+            "warn, or also refuse to train on it, to score it, or both."
+        ),
+    )
+    drift_reference_rows: int = Field(
+        50_000, ge=1_000, description="Training rows stored with each model as drift reference."
+    )
+    landing_root: str | None = Field(
+        None,
+        description=(
+            "Folder or URL (s3://bucket/prefix) of the landing layout the pipelines read and "
+            "write (default: HOME/landing)."
+        ),
+    )
+    pushgateway_url: str | None = Field(
+        None, description="Prometheus Pushgateway for batch-job and drift metrics (optional)."
+    )
     serve_reload_seconds: float = Field(
         10.0,
         ge=0,
@@ -180,6 +200,10 @@ class Settings(BaseSettings):
         if os.environ.get("MLFLOW_TRACKING_URI"):
             return os.environ["MLFLOW_TRACKING_URI"]
         return f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
+
+    @property
+    def resolved_landing_root(self) -> str:
+        return self.landing_root or str((self.home / "landing").resolve())
 
     @property
     def bayes_threshold(self) -> float:

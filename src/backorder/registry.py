@@ -28,6 +28,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 import mlflow  # noqa: E402  (the environment above must be set before MLflow is imported)
+import pandas as pd  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from sklearn.pipeline import Pipeline  # noqa: E402
@@ -38,6 +39,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 HISTORY_TAG = "champion_history"
 MODEL_ARTIFACT = "model"
+REFERENCE_FILE = "reference.parquet"
 
 
 @dataclass
@@ -48,6 +50,8 @@ class LoadedModel:
     version: str
     metadata: dict[str, Any]
     aliases: list[str]
+    # A sample of the rows the model was trained on (feature columns), when asked for and stored.
+    reference: pd.DataFrame | None = None
 
 
 class Registry:
@@ -81,6 +85,7 @@ class Registry:
         metrics: dict[str, float],
         tags: dict[str, str],
         artifacts: list[Path],
+        reference: pd.DataFrame | None = None,
     ) -> tuple[str, str]:
         """Log one training run and register its model; return (run id, model version)."""
         with mlflow.start_run(experiment_id=self.experiment_id()) as run:
@@ -93,6 +98,9 @@ class Registry:
                 model_dir = save_pipeline(
                     pipeline, Path(tmp) / MODEL_ARTIFACT, {**metadata, "run_id": run.info.run_id}
                 )
+                if reference is not None:
+                    # Travels with the model, so drift is always judged against what it learnt.
+                    reference.to_parquet(model_dir / REFERENCE_FILE, index=False)
                 mlflow.log_artifacts(str(model_dir), artifact_path=MODEL_ARTIFACT)
             run_id = run.info.run_id
         self._ensure_registered_model()
@@ -139,7 +147,9 @@ class Registry:
                 f"no model '{self.name}@{ref}' in {self.tracking_uri}{hint}"
             ) from None
 
-    def load(self, ref: str = CHAMPION, base_rate: float | None = None) -> LoadedModel:
+    def load(
+        self, ref: str = CHAMPION, base_rate: float | None = None, with_reference: bool = False
+    ) -> LoadedModel:
         """Download a version's artifact and rebuild its fitted pipeline.
 
         ``base_rate`` re-calibrates its probabilities to a known backorder rate of the data to be
@@ -152,8 +162,14 @@ class Registry:
                 artifact_uri=f"models:/{self.name}/{version}", dst_path=tmp
             )
             pipeline, metadata = load_pipeline(Path(local))
+            reference_file = Path(local) / REFERENCE_FILE
+            reference = (
+                pd.read_parquet(reference_file)
+                if with_reference and reference_file.is_file()
+                else None
+            )
         classifier_of(pipeline).adjust_to_base_rate(base_rate)
-        return LoadedModel(pipeline, version, metadata, list(mv.aliases))
+        return LoadedModel(pipeline, version, metadata, list(mv.aliases), reference)
 
     def champion_version(self) -> str | None:
         try:

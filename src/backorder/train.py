@@ -21,7 +21,7 @@ import pandas as pd
 
 from backorder import __version__
 from backorder.config import Settings
-from backorder.contract import LABEL
+from backorder.contract import FEATURE_COLUMNS, LABEL
 from backorder.data import (
     ChunkProgress,
     LabelledData,
@@ -133,7 +133,13 @@ def run_training(
     output_dir: Path | None = None,
     say: Say = lambda _msg: None,
     on_chunk: ChunkProgress | None = None,
+    apply_promotion: bool = True,
 ) -> TrainingOutcome:
+    """Train, register as challenger, and compare with the champion on the same holdout rows.
+
+    With ``apply_promotion`` (the default) a winner becomes champion at once; without it the
+    decision is only reported, for a pipeline that promotes in a step of its own.
+    """
     started = datetime.now(UTC)
     output_dir = output_dir or settings.home / "runs" / f"train-{started:%Y%m%dT%H%M%SZ}"
     check_inputs(uris, require_label=True, block_bytes=settings.read_block_bytes)
@@ -255,8 +261,11 @@ def run_training(
         "promotion": decision.reason,
     }
     # The report names the version, so register first, then write and attach the report.
+    reference = train_rows[list(FEATURE_COLUMNS)].sample(
+        n=min(len(train_rows), settings.drift_reference_rows), random_state=settings.random_seed
+    )
     run_id, version = registry.log_training_run(
-        pipeline, metadata, params, mlflow_metrics, tags, artifacts=[]
+        pipeline, metadata, params, mlflow_metrics, tags, artifacts=[], reference=reference
     )
     html = _training_report(
         version,
@@ -275,13 +284,13 @@ def run_training(
     registry.client.log_artifact(run_id, str(report))
     registry.client.log_artifact(run_id, str(metrics_file))
     registry.set_challenger(version)
-    if decision.promoted:
+    if decision.promoted and apply_promotion:
         registry.promote(version)
     say(f"registered model version {version}; {decision.reason}")
     return TrainingOutcome(
         version=version,
         run_id=run_id,
-        promoted=decision.promoted,
+        promoted=decision.promoted and apply_promotion,
         decision=decision,
         output_dir=output_dir,
         report=report,

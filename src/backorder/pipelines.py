@@ -1,0 +1,494 @@
+"""The scheduled pipelines' steps, over a landing layout under one root (folder or S3 prefix).
+
+::
+
+    ROOT/labelled/<batch id>.csv.gz      labelled history, dropped here as it arrives
+    ROOT/unscored/<batch id>.parquet     batches waiting to be scored
+    ROOT/predictions/<batch id>.parquet  one file per scored batch
+    ROOT/rejects/<batch id>.parquet      the rows that could not be scored, with reasons
+    ROOT/reports/<batch id>/...          drift reports; reports/training/<run id>/ for training
+    ROOT/manifest/<job>/<batch id>.json  what was done to each batch, when, by which model
+    ROOT/metrics/<job>.prom              the last run's figures, for Prometheus
+
+A batch id is the batch's time in ISO-8601 basic format, UTC (``20261128T172342Z``), optionally
+followed by ``_label``; ids sort by time as plain strings. Each manifest record is one JSON
+object written whole (rename, or one S3 PUT), so concurrent runs on different batches never
+overwrite each other's records, and a record exists only for work that completed.
+
+Every step is a plain function of URIs and ids that returns a small JSON-able dict: the Airflow
+DAGs call them, and anything else (cron, a notebook, a test) can too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import fsspec.core
+import pandas as pd
+
+from backorder.config import Settings
+from backorder.data import check_inputs, load_rows
+from backorder.errors import BackorderError, InputFileError, OutputError
+from backorder.io import is_remote, write_json_atomic, write_text_atomic
+from backorder.predict import new_batch_id, predict_file
+
+LABELLED, UNSCORED, PREDICTIONS, REJECTS, REPORTS, MANIFEST, METRICS = (
+    "labelled",
+    "unscored",
+    "predictions",
+    "rejects",
+    "reports",
+    "manifest",
+    "metrics",
+)
+SCORING, TRAINING = "scoring", "training"
+BATCH_ID = re.compile(r"^(?P<time>\d{8}T\d{6}Z)(?:_[A-Za-z0-9.-]+)?$")
+INPUT_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
+
+
+class DriftBlocked(BackorderError):
+    """The drift policy refused a batch; the drift report says why."""
+
+    exit_code = 5
+
+
+def batch_id_of(name: str) -> str | None:
+    """The batch id in a landed file's name, or None when the name is not one."""
+    for suffix in INPUT_SUFFIXES:
+        if name.endswith(suffix):
+            stem = name[: -len(suffix)]
+            return stem if BATCH_ID.match(stem) else None
+    return None
+
+
+def batch_time(batch_id: str) -> datetime:
+    match = BATCH_ID.match(batch_id)
+    if not match:
+        raise InputFileError(f"'{batch_id}' is not a batch id (expected like 20261128T172342Z)")
+    return datetime.strptime(match["time"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+
+
+@dataclass
+class Landing:
+    """The landing layout under ``root`` (a local folder or an fsspec URL)."""
+
+    root: str
+
+    def __post_init__(self) -> None:
+        self.root = str(self.root).rstrip("/")
+        self.fs, self.base = fsspec.core.url_to_fs(self.root)
+
+    def uri(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def _listing(self, folder: str) -> list[str]:
+        path = f"{self.base}/{folder}"
+        try:
+            return sorted(Path(p).name for p in self.fs.ls(path, detail=False))
+        except FileNotFoundError:
+            return []
+        except Exception as exc:
+            raise InputFileError(f"{self.uri(folder)}: cannot be listed ({exc})") from None
+
+    def batches(self, kind: str) -> dict[str, str]:
+        """Batch id -> URI of each landed file of ``kind``, oldest first.
+
+        Hidden and temporary files are ignored; so are names that are not batch ids, which a
+        person should rename, so they are returned by ``strays``.
+        """
+        found: dict[str, str] = {}
+        for name in self._listing(kind):
+            batch = batch_id_of(name)
+            if batch is not None and not name.startswith("."):
+                if batch in found:
+                    raise InputFileError(
+                        f"{self.uri(kind)}: batch {batch} landed twice ({name} and "
+                        f"{Path(found[batch]).name}); remove one"
+                    )
+                found[batch] = self.uri(kind, name)
+        return dict(sorted(found.items()))
+
+    def strays(self, kind: str) -> list[str]:
+        return [n for n in self._listing(kind) if not n.startswith(".") and batch_id_of(n) is None]
+
+    def land(self, source: str | Path, kind: str, batch_id: str | None = None) -> str:
+        """Copy a file into ``kind``/ under a batch id (default: now); return its URI."""
+        batch_id = batch_id or new_batch_id()
+        batch_time(batch_id)
+        name = Path(str(source)).name.lower()
+        suffix = next(
+            (s for s in sorted(INPUT_SUFFIXES, key=len, reverse=True) if name.endswith(s)), None
+        )
+        if suffix is None:
+            raise InputFileError(f"{source}: land CSV, CSV.gz or Parquet files")
+        existing = self.batches(kind).get(batch_id)
+        if existing is not None:
+            raise InputFileError(f"{existing}: batch {batch_id} has landed already")
+        target = self.uri(kind, batch_id + suffix)
+        src_fs, src_path = fsspec.core.url_to_fs(str(source))
+        data = src_fs.cat_file(src_path)
+        if is_remote(target):
+            try:
+                self.fs.pipe_file(f"{self.base}/{kind}/{batch_id}{suffix}", data)
+            except Exception as exc:
+                raise OutputError(f"{target}: cannot be written ({exc})") from None
+        else:
+            folder = Path(self.base) / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            temp = folder / f".{batch_id}{suffix}.tmp"
+            temp.write_bytes(data)
+            temp.replace(folder / f"{batch_id}{suffix}")
+        return target
+
+    # -- the manifest --------------------------------------------------------------------------
+    def record(self, job: str, batch_id: str, record: dict[str, Any]) -> str:
+        uri = self.uri(MANIFEST, job, f"{batch_id}.json")
+        write_json_atomic(uri, {"batch_id": batch_id, "job": job, **record})
+        return uri
+
+    def records(self, job: str) -> dict[str, dict[str, Any]]:
+        out = {}
+        for name in self._listing(f"{MANIFEST}/{job}"):
+            if name.endswith(".json") and not name.startswith("."):
+                with self.fs.open(f"{self.base}/{MANIFEST}/{job}/{name}", "rb") as handle:
+                    out[name[: -len(".json")]] = json.loads(handle.read())
+        return dict(sorted(out.items()))
+
+
+# -- scoring -------------------------------------------------------------------------------------
+def pending_scoring(root: str) -> list[str]:
+    """Unscored batches that have no completed scoring record, oldest first."""
+    landing = Landing(root)
+    done = {b for b, r in landing.records(SCORING).items() if r.get("status") == "scored"}
+    return [b for b in landing.batches(UNSCORED) if b not in done]
+
+
+def validate_batch(root: str, batch_id: str, settings: Settings, kind: str = UNSCORED) -> str:
+    """Fail fast on whole-file problems; return the batch's URI."""
+    uri = Landing(root).batches(kind).get(batch_id)
+    if uri is None:
+        raise InputFileError(f"{Landing(root).uri(kind)}: no batch {batch_id}")
+    check_inputs([uri], require_label=kind == LABELLED, block_bytes=settings.read_block_bytes)
+    return uri
+
+
+def check_drift(
+    root: str, batch_id: str, settings: Settings, kind: str = UNSCORED, model: str = "champion"
+) -> dict[str, Any]:
+    """Compare a batch with the model's training reference; write the report; apply the policy.
+
+    Returns the drift summary (drifted features, report URI). Raises ``DriftBlocked`` when the
+    policy blocks this kind of batch and something drifted, after writing the report.
+    """
+    from backorder.drift import compare, drift_report, prometheus_text
+    from backorder.model import backorder_probability
+    from backorder.registry import Registry
+
+    landing = Landing(root)
+    uri = validate_batch(root, batch_id, settings, kind)
+    registry = Registry(settings)
+    if registry.champion_version() is None and model == "champion":
+        return {"batch_id": batch_id, "checked": False, "why": "no champion yet", "drifted": []}
+    loaded = registry.load(model, with_reference=True)
+    if loaded.reference is None:
+        return {
+            "batch_id": batch_id,
+            "checked": False,
+            "why": f"model v{loaded.version} stores no training reference",
+            "drifted": [],
+        }
+    rows, _, _ = load_rows(uri, settings.read_block_bytes)
+    if rows.empty:
+        raise InputFileError(f"{uri}: no valid rows to compare")
+    result = compare(
+        loaded.reference,
+        rows,
+        settings.drift_psi_threshold,
+        backorder_probability(loaded.pipeline, loaded.reference),
+        backorder_probability(loaded.pipeline, rows),
+    )
+    folder = landing.uri(REPORTS, batch_id)
+    report = write_text_atomic(
+        f"{folder}/drift_report.html",
+        drift_report(
+            result,
+            loaded.reference,
+            rows,
+            f"training reference of model v{loaded.version}",
+            uri,
+        ),
+    )
+    summary = result.summary() | {"model_version": loaded.version, "current": uri}
+    write_json_atomic(f"{folder}/drift.json", summary)
+    text = prometheus_text(result, batch_id)
+    write_text_atomic(f"{folder}/drift.prom", text)
+    publish_metrics(landing, "drift", text, settings)
+    blocks = {
+        "warn": set(),
+        "block_training": {LABELLED},
+        "block_scoring": {UNSCORED},
+        "block_both": {LABELLED, UNSCORED},
+    }[settings.drift_policy]
+    outcome = {
+        "batch_id": batch_id,
+        "checked": True,
+        "drifted": result.drifted,
+        "max_psi": float(result.features["psi"].max()),
+        "report": str(report),
+        "blocked": bool(result.drifted) and kind in blocks,
+    }
+    if outcome["blocked"]:
+        job = SCORING if kind == UNSCORED else TRAINING
+        landing.record(
+            job,
+            batch_id,
+            {"status": "blocked_by_drift", "at": _now(), "drift": outcome, "input": uri},
+        )
+        raise DriftBlocked(
+            f"{uri}: drifted from model v{loaded.version}'s training data "
+            f"({', '.join(result.drifted)}); policy {settings.drift_policy}; see {report}"
+        )
+    return outcome
+
+
+def score_batch(
+    root: str, batch_id: str, settings: Settings, model: str = "champion"
+) -> dict[str, Any]:
+    """Score one landed batch into predictions/ and rejects/; re-running replaces, never adds."""
+    from backorder.registry import Registry
+
+    landing = Landing(root)
+    uri = validate_batch(root, batch_id, settings)
+    loaded = Registry(settings).load(model, settings.scoring_base_rate)
+    started = time.perf_counter()
+    summary = predict_file(
+        uri,
+        landing.uri(PREDICTIONS, f"{batch_id}.parquet"),
+        loaded,
+        settings,
+        rejects=landing.uri(REJECTS, f"{batch_id}.parquet"),
+        batch_id=batch_id,
+    )
+    return {
+        "batch_id": batch_id,
+        "input": uri,
+        "predictions": summary.output,
+        "rejects": summary.rejects,
+        "model_version": loaded.version,
+        "seconds": round(time.perf_counter() - started, 3),
+        **summary.counts(),
+    }
+
+
+def record_scoring(
+    root: str, scored: dict[str, Any], settings: Settings, drift: dict[str, Any] | None = None
+) -> str:
+    """Write the batch's manifest record (the commit point) and the job's metrics."""
+    landing = Landing(root)
+    uri = landing.record(
+        SCORING,
+        scored["batch_id"],
+        {"status": "scored", "at": _now(), **scored, "drift": drift},
+    )
+    publish_metrics(landing, "batch_prediction", _batch_metrics(scored), settings)
+    return uri
+
+
+def _batch_metrics(scored: dict[str, Any]) -> str:
+    lines = []
+    for name, help_text in (
+        ("read", "Rows read from the last scored batch."),
+        ("scored", "Rows scored in the last scored batch."),
+        ("rejected", "Rows quarantined with a reason in the last scored batch."),
+        ("flagged", "Rows at or over the decision threshold in the last scored batch."),
+    ):
+        metric = f"backorder_batch_rows_{name}"
+        lines += [
+            f"# HELP {metric} {help_text}",
+            f"# TYPE {metric} gauge",
+            f"{metric} {scored[name]}",
+        ]
+    lines += [
+        "# HELP backorder_batch_last_success_timestamp_seconds When a batch was last scored.",
+        "# TYPE backorder_batch_last_success_timestamp_seconds gauge",
+        f"backorder_batch_last_success_timestamp_seconds {time.time():.3f}",
+        "# HELP backorder_batch_duration_seconds Time to score the last batch.",
+        "# TYPE backorder_batch_duration_seconds gauge",
+        f"backorder_batch_duration_seconds {scored['seconds']}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def publish_metrics(landing: Landing, job: str, text: str, settings: Settings) -> None:
+    """Keep the job's last figures under metrics/ and push them to a Pushgateway if set."""
+    write_text_atomic(landing.uri(METRICS, f"{job}.prom"), text)
+    if settings.pushgateway_url:
+        request = urllib.request.Request(
+            f"{settings.pushgateway_url.rstrip('/')}/metrics/job/backorder_{job}",
+            data=text.encode(),
+            method="PUT",
+            headers={"Content-Type": "text/plain; version=0.0.4"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10):
+                pass
+        except OSError as exc:
+            raise OutputError(f"{settings.pushgateway_url}: metrics push failed ({exc})") from None
+
+
+# -- training ------------------------------------------------------------------------------------
+def pending_training(root: str) -> list[str]:
+    """Labelled batches that no completed training run has used yet, oldest first."""
+    landing = Landing(root)
+    used: set[str] = set()
+    for record in landing.records(TRAINING).values():
+        if record.get("status") == "trained":
+            used.update(record.get("batches", []))
+    return [b for b in landing.batches(LABELLED) if b not in used]
+
+
+def train_on_landing(root: str, settings: Settings, new_batches: list[str]) -> dict[str, Any]:
+    """Train on every labelled batch (history plus the new ones) and register a challenger.
+
+    The challenger is compared with the champion on the same holdout rows; the decision is
+    returned, not applied: ``promote_or_keep`` applies it.
+    """
+    from backorder.train import run_training
+
+    landing = Landing(root)
+    labelled = landing.batches(LABELLED)
+    run = f"{new_batches[-1] if new_batches else new_batch_id()}"
+    local_reports = settings.home / "runs" / f"pipeline-train-{run}"
+    outcome = run_training(list(labelled.values()), settings, local_reports, apply_promotion=False)
+    reports = landing.uri(REPORTS, TRAINING, run)
+    for name in ("report.html", "metrics.json", "rejects.csv"):
+        path = local_reports / name
+        write_text_atomic(f"{reports}/{name}", path.read_text(encoding="utf-8"))
+    holdout = outcome.holdout or {}
+    return {
+        "run": run,
+        "version": outcome.version,
+        "should_promote": outcome.decision.promoted,
+        "reason": outcome.decision.reason,
+        "batches": list(labelled),
+        "new_batches": new_batches,
+        "report": f"{reports}/report.html",
+        "validation_average_precision": outcome.validation.get("average_precision"),
+        "holdout_average_precision": holdout.get("average_precision"),
+        "holdout_roc_auc": holdout.get("roc_auc"),
+    }
+
+
+def promote_or_keep(settings: Settings, trained: dict[str, Any]) -> dict[str, Any]:
+    """Apply the training run's decision: make the challenger champion, or keep the champion."""
+    from backorder.registry import Registry
+
+    registry = Registry(settings)
+    if trained["should_promote"]:
+        registry.promote(trained["version"])
+    return trained | {
+        "promoted": bool(trained["should_promote"]),
+        "champion": registry.champion_version(),
+    }
+
+
+def record_training(
+    root: str,
+    decided: dict[str, Any],
+    settings: Settings,
+    drift: list[dict[str, Any]] | None = None,
+) -> str:
+    landing = Landing(root)
+    uri = landing.record(
+        TRAINING, decided["run"], {"status": "trained", "at": _now(), **decided, "drift": drift}
+    )
+    text = (
+        "# HELP backorder_training_last_success_timestamp_seconds When training last finished.\n"
+        "# TYPE backorder_training_last_success_timestamp_seconds gauge\n"
+        f"backorder_training_last_success_timestamp_seconds {time.time():.3f}\n"
+        "# HELP backorder_training_promoted Whether the last training run's model was promoted.\n"
+        "# TYPE backorder_training_promoted gauge\n"
+        f"backorder_training_promoted {int(decided['promoted'])}\n"
+    )
+    publish_metrics(landing, "training", text, settings)
+    return uri
+
+
+def manifest_frame(root: str) -> pd.DataFrame:
+    """Every manifest record, newest first, as a table for people."""
+    landing = Landing(root)
+    rows = []
+    for job in (SCORING, TRAINING):
+        for batch, record in landing.records(job).items():
+            rows.append(
+                {
+                    "job": job,
+                    "batch_id": batch,
+                    "status": record.get("status"),
+                    "at": record.get("at"),
+                    "model_version": record.get("model_version") or record.get("version"),
+                    "read": record.get("read"),
+                    "scored": record.get("scored"),
+                    "rejected": record.get("rejected"),
+                    "promoted": record.get("promoted"),
+                }
+            )
+    frame = pd.DataFrame(rows)
+    if not rows:
+        return frame
+    for column in ("read", "scored", "rejected"):
+        frame[column] = frame[column].astype("Int64")
+    return frame.sort_values("batch_id", ascending=False, ignore_index=True)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# -- whole runs, without a scheduler ---------------------------------------------------------------
+def score_pending(root: str, settings: Settings, say: Any = print) -> list[dict[str, Any]]:
+    """What the daily DAG does, in one process: every pending batch, oldest first.
+
+    A batch that fails (bad file, drift block) is reported and the others still run; the
+    function raises at the end if any failed, so a scheduler sees the failure.
+    """
+    done, failed = [], []
+    for batch in pending_scoring(root):
+        try:
+            drift = check_drift(root, batch, settings)
+            scored = score_batch(root, batch, settings)
+            record_scoring(root, scored, settings, drift)
+        except BackorderError as exc:
+            say(f"batch {batch}: {exc}")
+            failed.append(batch)
+            continue
+        say(
+            f"batch {batch}: scored {scored['scored']:,}, rejected {scored['rejected']:,}, "
+            f"flagged {scored['flagged']:,} -> {scored['predictions']}"
+        )
+        done.append(scored)
+    if failed:
+        raise BackorderError(f"{len(failed)} batch(es) failed: {', '.join(failed)}")
+    return done
+
+
+def train_if_new(root: str, settings: Settings, say: Any = print) -> dict[str, Any] | None:
+    """What the weekly DAG does, in one process; None when no new labelled batch arrived."""
+    new = pending_training(root)
+    if not new:
+        say("no new labelled batches: nothing to train on")
+        return None
+    drift = [check_drift(root, b, settings, kind=LABELLED) for b in new]
+    trained = train_on_landing(root, settings, new)
+    decided = promote_or_keep(settings, trained)
+    record_training(root, decided, settings, drift)
+    say(f"model v{decided['version']}: {decided['reason']}")
+    return decided
