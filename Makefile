@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO   := out/demo
 export BACKORDER_HOME ?= .backorder
 
-.PHONY: setup demo serve test lint typecheck check bench bench-train bench-quality bench-tune bench-serve screenshot clean
+.PHONY: setup demo serve test lint typecheck check bench bench-train bench-quality bench-tune bench-serve screenshot airflow-demo clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ demo: setup
 	@echo "  predictions        $(DEMO)/predictions.parquet"
 	@echo "  rejects            $(DEMO)/predictions.rejects.parquet"
 	@echo "  model registry     $(BACKORDER_HOME)/mlflow.db (backorder models list)"
+
+# Both Airflow DAGs end to end (`airflow dags test`, temporary AIRFLOW_HOME) on the bundled sample.
+airflow-demo: setup
+	scripts/airflow_demo.sh out/airflow-demo
 
 # The web page and API on http://127.0.0.1:8000 for the champion `make demo` trained.
 serve: setup

@@ -387,10 +387,8 @@ def batches(
     if frame.empty:
         out.print("manifest: empty")
     else:
-        grid = Table(*frame.columns)
-        for row in frame.itertuples(index=False):
-            grid.add_row(*["–" if pd.isna(v) else str(v) for v in row])
-        out.print(grid)
+        # Plain text, not a rich table: it must not truncate ids when piped or logged.
+        out.print(frame.to_string(index=False, na_rep="–"), highlight=False)
     for kind, ids in waiting.items():
         out.print(f"waiting ({kind}): {', '.join(ids) or 'none'}", highlight=False)
     for kind, names in strays.items():

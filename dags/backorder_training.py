@@ -1,0 +1,110 @@
+"""Weekly: retrain when labelled batches have landed, and promote only a better model.
+
+find_new_labelled -> validate -> drift -> train -> promote_or_keep -> report. Training uses all
+labelled batches (history plus the new ones); the challenger is compared with the champion on
+the same holdout rows and becomes champion only if it wins. No new data is a skip, not a
+failure. Tasks pass batch ids, versions and URIs (JSON XComs, never pickles).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+
+DEFAULT_ARGS = {"retries": 1, "retry_delay": timedelta(minutes=5)}
+
+
+def _settings() -> Any:
+    from backorder.config import load_settings
+
+    return load_settings(None)
+
+
+def _root() -> str:
+    given = get_current_context()["params"].get("landing_root")
+    return str(given or _settings().resolved_landing_root)
+
+
+def _final(exc: Exception) -> Exception:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from backorder.errors import InputFileError
+    from backorder.pipelines import DriftBlocked
+
+    if isinstance(exc, InputFileError | DriftBlocked):
+        return AirflowFailException(str(exc))
+    return exc
+
+
+@dag(
+    dag_id="backorder_training",
+    schedule="@weekly",
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    params={"landing_root": Param(None, type=["null", "string"], description="Landing root URI")},
+    tags=["backorder"],
+    doc_md=__doc__,
+)
+def backorder_training() -> None:
+    @task
+    def find_new_labelled() -> list[str]:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from backorder.pipelines import pending_training
+
+        new = pending_training(_root())
+        if not new:
+            raise AirflowSkipException("no new labelled batches")
+        return new
+
+    @task
+    def validate(batch_id: str) -> str:
+        from backorder.pipelines import LABELLED, validate_batch
+
+        try:
+            validate_batch(_root(), batch_id, _settings(), kind=LABELLED)
+        except Exception as exc:
+            raise _final(exc) from None
+        return batch_id
+
+    @task
+    def drift(batch_id: str) -> dict[str, Any]:
+        from backorder.pipelines import LABELLED, check_drift
+
+        try:
+            return check_drift(_root(), batch_id, _settings(), kind=LABELLED)
+        except Exception as exc:
+            raise _final(exc) from None
+
+    @task
+    def train(drift_summaries: list[dict[str, Any]]) -> dict[str, Any]:
+        from backorder.pipelines import train_on_landing
+
+        # Indexing to len() reads each mapped XCom once (iterating probes one past the end).
+        summaries = [drift_summaries[i] for i in range(len(drift_summaries))]
+        trained = train_on_landing(_root(), _settings(), [d["batch_id"] for d in summaries])
+        return trained | {"drift": summaries}
+
+    @task
+    def promote_or_keep(trained: dict[str, Any]) -> dict[str, Any]:
+        from backorder.pipelines import promote_or_keep as decide
+
+        return decide(_settings(), trained)
+
+    @task
+    def report(decided: dict[str, Any]) -> str:
+        from backorder.pipelines import record_training
+
+        drift_summaries = decided.pop("drift")
+        return record_training(_root(), decided, _settings(), drift_summaries)
+
+    drifted = drift.expand(batch_id=validate.expand(batch_id=find_new_labelled()))
+    report(promote_or_keep(train(drifted)))
+
+
+backorder_training()
