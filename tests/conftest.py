@@ -12,6 +12,8 @@ import pytest
 
 from backorder.config import Settings, load_settings
 
+pytest_plugins = ["tests.servers"]
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
 SHARED = ROOT.parent / "shared" / "data" / "backorders"

@@ -354,7 +354,6 @@ def batches(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Show the manifest (what was scored or trained, when, by which model) and what waits."""
-    import pandas as pd
 
     from backorder.pipelines import (
         LABELLED,

@@ -446,6 +446,7 @@ def manifest_frame(root: str) -> pd.DataFrame:
         return frame
     for column in ("read", "scored", "rejected"):
         frame[column] = frame[column].astype("Int64")
+    frame["promoted"] = frame["promoted"].astype("boolean")
     return frame.sort_values("batch_id", ascending=False, ignore_index=True)
 
 
