@@ -67,6 +67,13 @@ class Settings(BaseSettings):
         description="MLflow tracking URI; falls back to MLFLOW_TRACKING_URI, then SQLite in home.",
     )
     experiment_name: str = "backorder"
+    artifact_location: str | None = Field(
+        None,
+        description=(
+            "Where a new experiment keeps run artifacts and models, e.g. s3://bucket/mlflow "
+            "(endpoint and keys from the AWS variables); default: HOME/mlartifacts."
+        ),
+    )
     model_name: str = Field("backorder", description="Registered model name in MLflow.")
 
     # Business costs, in the same (arbitrary) currency unit; only their ratio matters.

@@ -71,8 +71,8 @@ class Registry:
         existing = self.client.get_experiment_by_name(self.settings.experiment_name)
         if existing is not None:
             return str(existing.experiment_id)
-        location = None
-        if self.tracking_uri.startswith("sqlite:///"):
+        location = self.settings.artifact_location
+        if location is None and self.tracking_uri.startswith("sqlite:///"):
             # Keep artifacts beside the database rather than in the working directory.
             location = (self.settings.home / "mlartifacts").resolve().as_uri()
         return str(self.client.create_experiment(self.settings.experiment_name, location))

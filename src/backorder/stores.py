@@ -255,7 +255,9 @@ def _rejects_record(frame: pd.DataFrame, fixed: list[str]) -> pd.DataFrame:
     fields = [c for c in frame.columns if c not in fixed]
     payload = frame[fields].astype(object).where(frame[fields].notna(), None)
     out = frame[[c for c in fixed if c in frame.columns]].copy()
-    out["record"] = [json.dumps(r, default=str) for r in payload.to_dict("records")]
+    out["record"] = pd.array(
+        [json.dumps(r, default=str) for r in payload.to_dict("records")], dtype="string"
+    )
     return out
 
 
