@@ -41,8 +41,8 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check src tests bench scripts
-	$(BIN)/ruff format --check src tests bench scripts
+	$(BIN)/ruff check src tests bench scripts dags
+	$(BIN)/ruff format --check src tests bench scripts dags
 
 typecheck: setup
 	$(BIN)/mypy src

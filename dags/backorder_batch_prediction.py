@@ -1,7 +1,8 @@
 """Daily, and on demand: score every landed batch that has not been scored yet.
 
-find_pending -> validate -> drift -> score -> record, one mapped task per batch. Tasks call one
-``backorder.pipelines`` function each and pass batch ids and URIs (JSON XComs, never pickles).
+find_pending -> validate -> drift -> score -> record, one mapped task group per batch. Tasks
+call one ``backorder.pipelines`` function each and pass batch ids and URIs (JSON XComs, never
+pickles).
 Re-running is safe: outputs are keyed by batch id and replaced whole, and the manifest record
 (the last step) is what marks a batch as done, so a retry or a backfill redoes only what did
 not finish and never duplicates output.
@@ -16,7 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Param, dag, get_current_context, task, task_group
 
 DEFAULT_ARGS = {
     # Transient store outages heal; bad files and drift blocks fail at once (no retry).
@@ -107,11 +108,12 @@ def backorder_batch_prediction() -> None:
         drift_summary = scored.pop("drift")
         return record_scoring(_root(), scored, _settings(), drift_summary)
 
-    record.expand(
-        scored=score.expand(
-            drift_summary=drift.expand(batch_id=validate.expand(batch_id=find_pending()))
-        )
-    )
+    # One mapped group per batch: a broken batch fails its own tasks, never its neighbours'.
+    @task_group
+    def one_batch(batch_id: str) -> None:
+        record(score(drift(validate(batch_id))))
+
+    one_batch.expand(batch_id=find_pending())
 
 
 backorder_batch_prediction()

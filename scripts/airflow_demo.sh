@@ -9,8 +9,13 @@ OUT="$(realpath -m "${1:-out/airflow-demo}")"
 rm -rf "$OUT"
 mkdir -p "$OUT"
 
-AIRFLOW_HOME="$(mktemp -d -t backorder-airflow-XXXXXX)"
-trap 'rm -rf "$AIRFLOW_HOME"' EXIT
+# A throwaway Airflow home; tests pass BACKORDER_DEMO_AIRFLOW_HOME to keep it for more runs.
+if [ -n "${BACKORDER_DEMO_AIRFLOW_HOME:-}" ]; then
+    AIRFLOW_HOME="$BACKORDER_DEMO_AIRFLOW_HOME"
+else
+    AIRFLOW_HOME="$(mktemp -d -t backorder-airflow-XXXXXX)"
+    trap 'rm -rf "$AIRFLOW_HOME"' EXIT
+fi
 export AIRFLOW_HOME
 export PATH="$BIN:$PATH"
 export AIRFLOW__CORE__DAGS_FOLDER="$PWD/dags"
