@@ -14,7 +14,12 @@ from tests.conftest import SAMPLE, run_cli
 
 
 def one_line_error(stderr: str) -> str:
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    """The error line; timestamped progress lines ("18:07:25 compiling ...") may precede it."""
+    lines = [
+        line
+        for line in stderr.strip().splitlines()
+        if line.strip() and not re.match(r"\d\d:\d\d:\d\d ", line)
+    ]
     assert len(lines) == 1, stderr
     assert "Traceback" not in stderr
     return lines[0]

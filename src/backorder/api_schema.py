@@ -129,5 +129,8 @@ class ModelInfo(BaseModel):
     training_base_rate: float
     scoring_base_rate: float | None
     features: list[str]
+    scoring_engine: str = Field(
+        description="'compiled' (lleaves) or 'lightgbm' (fallback); same probabilities"
+    )
     validation: dict[str, Any] | None
     holdout: dict[str, Any] | None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -46,6 +47,14 @@ BaseRateOption = Annotated[
         help="Known backorder rate of this data (e.g. 0.011); re-calibrates the probabilities.",
     ),
 ]
+
+
+def _one_line_warning(message: Any, *_args: Any, **_kwargs: Any) -> None:
+    """Warnings (say, compiled trees unavailable) as one line on stderr, not Python's two."""
+    err.print(f"warning: {message}", highlight=False)
+
+
+warnings.showwarning = _one_line_warning
 
 
 def _fail(message: str, code: int) -> None:
@@ -241,7 +250,11 @@ def predict(
     _guard(
         lambda: check_inputs([source], require_label=False, block_bytes=settings.read_block_bytes)
     )
-    loaded = _guard(lambda: Registry(settings).load(model, settings.scoring_base_rate))
+    loaded = _guard(
+        lambda: Registry(settings).load(
+            model, settings.scoring_base_rate, compiled=settings.compiled_trees, say=_say
+        )
+    )
     with _reading_progress() as on_chunk:
         summary = _guard(
             lambda: predict_file(

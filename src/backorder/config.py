@@ -151,6 +151,13 @@ class Settings(BaseSettings):
     drift_psi_threshold: float = Field(
         0.2, gt=0, description="PSI at which a feature counts as drifted (0.1 moderate, 0.2 large)."
     )
+    compiled_trees: bool = Field(
+        True,
+        description=(
+            "Score with compiled trees (lleaves; cached in HOME/compiled, checked against "
+            "LightGBM when loaded); LightGBM's predict is the fallback."
+        ),
+    )
     drift_policy: Literal["warn", "block_training", "block_scoring", "block_both"] = Field(
         "warn",
         description=(

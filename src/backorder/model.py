@@ -203,10 +203,27 @@ class BackorderClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"base rate must be strictly between 0 and 1, got {base_rate}")
         self.base_rate_shift_ = _logit(base_rate) - _logit(self.training_base_rate_)
 
-    def log_odds(self, X: pd.DataFrame) -> np.ndarray:
-        raw = self.booster_.predict(X, raw_score=True)
+    def use_compiled(self, compiled: Any) -> None:
+        """Score with compiled trees (``backorder.compiled.CompiledTrees``), or None: LightGBM."""
+        self._compiled = compiled
+
+    @property
+    def scoring_engine(self) -> str:
+        return "compiled" if getattr(self, "_compiled", None) is not None else "lightgbm"
+
+    def raw_score(self, X: pd.DataFrame | np.ndarray) -> np.ndarray:
+        compiled = getattr(self, "_compiled", None)
+        if compiled is not None:
+            values = X.to_numpy(dtype=np.float64) if isinstance(X, pd.DataFrame) else X
+            return np.asarray(compiled.predict_raw(values))
+        return np.asarray(self.booster_.predict(X, raw_score=True))
+
+    def calibrated_log_odds(self, raw: np.ndarray) -> np.ndarray:
         intercept = self.calibration_intercept_ + self.base_rate_shift_
-        return self.calibration_slope_ * np.asarray(raw) + intercept
+        return self.calibration_slope_ * raw + intercept
+
+    def log_odds(self, X: pd.DataFrame | np.ndarray) -> np.ndarray:
+        return self.calibrated_log_odds(self.raw_score(X))
 
     def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
         p = _sigmoid(self.log_odds(X))

@@ -267,7 +267,9 @@ def score_batch(
 
     landing = Landing(root)
     uri = validate_batch(root, batch_id, settings)
-    loaded = Registry(settings).load(model, settings.scoring_base_rate)
+    loaded = Registry(settings).load(
+        model, settings.scoring_base_rate, compiled=settings.compiled_trees
+    )
     started = time.perf_counter()
     summary = predict_file(
         uri,

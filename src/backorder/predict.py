@@ -111,9 +111,10 @@ def score_with_reasons(
     values = (
         model.pipeline.steps[0][1].transform(rows).to_numpy(dtype="float64")
     )  # in `names` order
-    matrix, baseline = clf.contribution_matrix(values, settings.reason_method)
-    # Contributions add up to the log-odds, so one pass over the trees gives both.
-    probability = 1.0 / (1.0 + np.exp(-(matrix.sum(axis=1) + baseline)))
+    matrix, _ = clf.contribution_matrix(values, settings.reason_method)
+    # The contributions add up to the log-odds too, but the probability comes from the same
+    # scorer as batch scoring (compiled trees when available), so both report the same number.
+    probability = 1.0 / (1.0 + np.exp(-clf.log_odds(values)))
     threshold = clf.decision_threshold_
     return ExplainedScores(
         probability=probability,

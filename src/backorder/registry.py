@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 import mlflow  # noqa: E402  (the environment above must be set before MLflow is imported)
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -148,12 +150,19 @@ class Registry:
             ) from None
 
     def load(
-        self, ref: str = CHAMPION, base_rate: float | None = None, with_reference: bool = False
+        self,
+        ref: str = CHAMPION,
+        base_rate: float | None = None,
+        with_reference: bool = False,
+        compiled: bool = False,
+        say: Callable[[str], None] = lambda _m: None,
     ) -> LoadedModel:
         """Download a version's artifact and rebuild its fitted pipeline.
 
         ``base_rate`` re-calibrates its probabilities to a known backorder rate of the data to be
-        scored (see ``BackorderClassifier.adjust_to_base_rate``).
+        scored (see ``BackorderClassifier.adjust_to_base_rate``). ``compiled`` scores with
+        compiled trees (``backorder.compiled``), checked against LightGBM on the stored training
+        reference; LightGBM remains the fallback.
         """
         version = self.resolve(ref)
         mv = self.client.get_model_version(self.name, version)
@@ -165,11 +174,36 @@ class Registry:
             reference_file = Path(local) / REFERENCE_FILE
             reference = (
                 pd.read_parquet(reference_file)
-                if with_reference and reference_file.is_file()
+                if (with_reference or compiled) and reference_file.is_file()
                 else None
             )
-        classifier_of(pipeline).adjust_to_base_rate(base_rate)
-        return LoadedModel(pipeline, version, metadata, list(mv.aliases), reference)
+        clf = classifier_of(pipeline)
+        clf.adjust_to_base_rate(base_rate)
+        if compiled:
+            clf.use_compiled(self._compiled_trees(pipeline, reference, say))
+        return LoadedModel(
+            pipeline, version, metadata, list(mv.aliases), reference if with_reference else None
+        )
+
+    def _compiled_trees(
+        self, pipeline: Pipeline, reference: pd.DataFrame | None, say: Callable[[str], None]
+    ) -> Any:
+        from backorder.compiled import compile_booster
+
+        clf = classifier_of(pipeline)
+        if reference is not None:
+            check = pipeline.steps[0][1].transform(reference).to_numpy(dtype="float64")
+        else:  # models saved before references were stored: random rows still walk the trees
+            rng = np.random.default_rng(0)
+            check = rng.lognormal(2.0, 2.0, size=(2_000, len(clf.feature_names_in_)))
+        return compile_booster(
+            clf.booster_,
+            self.settings.home / "compiled",
+            check,
+            lambda raw: 1.0 / (1.0 + np.exp(-clf.calibrated_log_odds(raw))),
+            n_jobs=self.settings.lightgbm.n_jobs,
+            say=say,
+        )
 
     def champion_version(self) -> str | None:
         try:

@@ -19,6 +19,7 @@ import threading
 import time
 import traceback
 import uuid
+import warnings
 import zipfile
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -52,6 +53,7 @@ from backorder.api_schema import (
     SkuRecord,
     records_frame,
 )
+from backorder.compiled import CompiledTreesUnavailable
 from backorder.config import Settings
 from backorder.contract import COLUMNS, FEATURE_COLUMNS, SKU
 from backorder.errors import BackorderError
@@ -201,7 +203,16 @@ class ModelHolder:
             version = registry.resolve(self.ref)
             if self.current is not None and self.current.version == version:
                 return False
-            model = registry.load(version, base_rate=self.settings.scoring_base_rate)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", CompiledTreesUnavailable)
+                model = registry.load(
+                    version,
+                    base_rate=self.settings.scoring_base_rate,
+                    compiled=self.settings.compiled_trees,
+                    say=log.info,
+                )
+            for warning in caught:
+                log.warning(str(warning.message), extra={"model_version": version})
             warm = records_frame([SkuRecord(**FORM_DEFAULTS)])
             score_with_reasons(model, warm, self.settings)  # first request pays no lazy set-up
             previous = self.current.version if self.current else None
@@ -431,6 +442,7 @@ def create_app(settings: Settings, model_ref: str = "champion") -> FastAPI:
             training_base_rate=clf.training_base_rate_,
             scoring_base_rate=settings.scoring_base_rate,
             features=[str(f) for f in clf.feature_names_in_],
+            scoring_engine=clf.scoring_engine,
             validation=model.metadata.get("validation"),
             holdout=model.metadata.get("holdout"),
         )
