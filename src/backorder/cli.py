@@ -233,6 +233,23 @@ def predict(
             "(default: the time now, UTC).",
         ),
     ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine",
+            help="'local' (one process) or 'dask': --input and --output are then a folder or "
+            "prefix of Parquet/CSV partitions, scored in parallel.",
+        ),
+    ] = "local",
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            "--scheduler", help="Dask scheduler address (default: a LocalCluster on 127.0.0.1)."
+        ),
+    ] = None,
+    workers: Annotated[
+        int, typer.Option("--workers", help="LocalCluster worker processes (--engine dask).")
+    ] = 2,
     model: ModelOption = "champion",
     base_rate: BaseRateOption = None,
     config: ConfigOption = None,
@@ -244,6 +261,24 @@ def predict(
     from backorder.stores import with_table
 
     settings = _settings(config, scoring_base_rate=base_rate)
+    if engine == "dask":
+        from backorder.scale import predict_partitioned
+
+        totals = _guard(
+            lambda: predict_partitioned(
+                input, output, settings, model, scheduler, workers, batch_id, _say
+            )
+        )
+        out.print(
+            f"read {totals['read']:,} rows in {len(totals['partitions'])} partition(s): scored "
+            f"{totals['scored']:,} ({totals['flagged']:,} flagged), rejected "
+            f"{totals['rejected']:,}; model v{totals['model_version']}",
+            highlight=False,
+        )
+        out.print(f"predictions: {output} (_SUCCESS.json lists every partition)", highlight=False)
+        return
+    if engine != "local":
+        _fail(f"--engine {engine}: expected local or dask", 2)
     source = with_table(input, input_table)
     target = with_table(output, output_table)
     rejects_target = with_table(rejects or output, rejects_table) if rejects_table else rejects

@@ -1,0 +1,90 @@
+"""Dask: a partitioned dataset scored on a LocalCluster, with the counts of every partition
+reconciled, and the same result as scoring the files one by one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from backorder.config import Settings
+from backorder.errors import BackorderError
+from backorder.predict import predict_file
+from backorder.registry import Registry
+from backorder.scale import predict_partitioned
+from tests.conftest import SAMPLE, run_cli
+
+pytest.importorskip("dask.distributed")
+
+
+def _partitioned(folder: Path) -> list[Path]:
+    frame = pd.read_csv(SAMPLE / "new_batch.csv.gz", dtype=str, keep_default_na=False)
+    frame = frame[frame["national_inv"] != ""]  # the footer line
+    folder.mkdir()
+    paths = []
+    for i in range(3):
+        part = frame.iloc[i * 3000 : (i + 1) * 3000]
+        path = folder / f"part-{i}.parquet"
+        part.to_parquet(path, index=False)
+        paths.append(path)
+    bad = frame.iloc[9000:9100].copy()
+    bad.loc[bad.index[:2], "lead_time"] = "soon"  # two rows to quarantine
+    bad.to_csv(folder / "part-3.csv", index=False)
+    paths.append(folder / "part-3.csv")
+    return paths
+
+
+def test_dask_scores_every_partition_like_the_local_engine(
+    trained_settings: Settings, tmp_path: Path
+) -> None:
+    paths = _partitioned(tmp_path / "in")
+    said: list[str] = []
+    totals = predict_partitioned(
+        str(tmp_path / "in"), str(tmp_path / "out"), trained_settings, workers=2, say=said.append
+    )
+    assert totals["read"] == 9100 and totals["rejected"] == 2 and totals["scored"] == 9098
+    assert len(totals["partitions"]) == 4
+    marker = json.loads((tmp_path / "out" / "_SUCCESS.json").read_text())
+    assert marker["scored"] == 9098
+
+    model = Registry(trained_settings).load("champion")
+    for path in paths:
+        name = path.name.split(".")[0]
+        local = predict_file(path, tmp_path / "local" / f"{name}.parquet", model, trained_settings)
+        on_dask = pd.read_parquet(tmp_path / "out" / f"{name}.parquet")
+        expected = pd.read_parquet(local.output)
+        assert len(on_dask) == local.scored
+        pd.testing.assert_series_equal(
+            on_dask["backorder_probability"], expected["backorder_probability"], rtol=0, atol=1e-9
+        )
+    rejects = pd.read_parquet(tmp_path / "out" / "part-3.rejects.parquet")
+    assert rejects["reason"].str.contains("lead_time: not a number: 'soon'").all()
+
+    # A re-run replaces each partition's files: nothing duplicates.
+    predict_partitioned(str(tmp_path / "in"), str(tmp_path / "out"), trained_settings, workers=1)
+    assert len(list((tmp_path / "out").glob("*.parquet"))) == 8
+
+
+def test_dask_cli_and_a_folder_with_nothing_to_score(
+    trained_settings: Settings, tmp_path: Path
+) -> None:
+    _partitioned(tmp_path / "in")
+    result = run_cli(
+        "predict",
+        "--engine",
+        "dask",
+        "--workers",
+        "1",
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "out"),
+        home=trained_settings.home,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "read 9,100 rows in 4 partition(s): scored 9,098" in result.stdout
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BackorderError, match="no Parquet or CSV files"):
+        predict_partitioned(str(tmp_path / "empty"), str(tmp_path / "o"), trained_settings)
