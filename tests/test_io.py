@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from backorder.contract import FEATURE_COLUMNS, LABEL
@@ -208,3 +211,49 @@ def test_table_writer_is_atomic(tmp_path: Path, name: str) -> None:
 def test_unknown_output_extension_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InputFileError, match=r"out\.xlsx: output must end with"):
         TableWriter(tmp_path / "out.xlsx", pd.DataFrame({"a": [1]}))
+
+
+def test_prefetch_keeps_order_and_raises_the_producers_error() -> None:
+    from backorder.io import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing() -> Iterator[int]:
+        yield 1
+        raise InputFileError("x.csv: cannot be read (truncated)")
+
+    got: list[int] = []
+    with pytest.raises(InputFileError, match="truncated"):
+        for item in prefetch(failing()):
+            got.append(item)
+    assert got == [1]
+
+    # A consumer that stops early stops the producer as well.
+    produced: list[int] = []
+
+    def endless() -> Iterator[int]:
+        n = 0
+        while True:
+            produced.append(n)
+            yield n
+            n += 1
+
+    for item in prefetch(endless(), depth=2):
+        if item == 3:
+            break
+    settled = len(produced)
+    time.sleep(0.2)
+    assert len(produced) == settled <= 7
+
+
+def test_background_sink_reports_a_failed_write_and_leaves_nothing(tmp_path: Path) -> None:
+    from backorder.io import BackgroundSink
+
+    target = tmp_path / "out.parquet"
+    sink = BackgroundSink(TableWriter(target, pd.DataFrame({"a": pd.Series(dtype="int64")})))
+    sink.write(pd.DataFrame({"a": [1, 2]}))
+    sink.write(pd.DataFrame({"a": ["not a number"]}))  # fails on the writer thread
+    with pytest.raises((ValueError, TypeError, pa.ArrowException)):
+        sink.commit()
+    sink.abort()
+    assert list(tmp_path.iterdir()) == []

@@ -16,7 +16,9 @@ import csv
 import gzip
 import json
 import os
+import queue
 import tempfile
+import threading
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -551,3 +553,100 @@ def open_output(
     if is_database(str(uri)):
         return open_database_output(str(uri), template, batch_id, rejects)
     return TableWriter(uri, template)
+
+
+# -- overlapping I/O with compute --------------------------------------------------------------
+_DONE = object()
+
+
+def prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Produce ``items`` on a background thread, up to ``depth`` ahead of the consumer.
+
+    Reading and parsing the next chunk (pyarrow releases the GIL) then overlaps scoring the
+    current one. An exception in the producer is raised in the consumer, in order; a consumer
+    that stops early stops the producer too.
+    """
+    slots: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put((_DONE, None))
+        except BaseException as exc:
+            slots.put((_DONE, exc))
+
+    worker = threading.Thread(target=produce, name="backorder-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, error = slots.get()
+            if error is not None:
+                raise error
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                slots.get_nowait()
+            worker.join(timeout=0.05)
+
+
+class BackgroundSink:
+    """A ``Sink`` whose writes run on a background thread, so encoding and compressing one
+    chunk overlaps scoring the next; ``commit`` waits for every write, then commits."""
+
+    def __init__(self, sink: Sink, depth: int = 2) -> None:
+        self.sink = sink
+        self._slots: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="backorder-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def rows(self) -> int:
+        return self.sink.rows
+
+    def _drain(self) -> None:
+        while True:
+            frame = self._slots.get()
+            if frame is _DONE:
+                return
+            if self._error is None:
+                try:
+                    self.sink.write(frame)
+                except BaseException as exc:
+                    self._error = exc
+
+    def write(self, frame: pd.DataFrame) -> None:
+        if self._error is not None:
+            raise self._error
+        self._slots.put(frame)
+
+    def _finish(self) -> None:
+        if self._thread.is_alive():
+            self._slots.put(_DONE)
+            self._thread.join()
+
+    def commit(self) -> None:
+        self._finish()
+        if self._error is not None:
+            raise self._error
+        self.sink.commit()
+
+    def abort(self) -> None:
+        self._finish()
+        self.sink.abort()
+
+    def discard(self) -> None:
+        self.sink.discard()

@@ -19,7 +19,7 @@ from backorder.contract import ORIGINAL_LINE, REASON, ROW_NUMBER, SKU
 from backorder.data import ChunkProgress, validated_chunks
 from backorder.errors import InputFileError
 from backorder.explain import Reason, reason_columns, reason_names, top_reasons
-from backorder.io import is_remote, open_input, open_output, table_format
+from backorder.io import BackgroundSink, is_remote, open_input, open_output, prefetch, table_format
 from backorder.model import classifier_of
 from backorder.registry import LoadedModel
 from backorder.stores import is_database, redact, split_table
@@ -218,14 +218,18 @@ def predict_file(
             ORIGINAL_LINE: pd.Series(dtype="string"),
         }
     )
-    predictions = open_output(output_uri, _template(settings.reasons_per_row), batch_id)
+    predictions = BackgroundSink(
+        open_output(output_uri, _template(settings.reasons_per_row), batch_id)
+    )
     try:
         quarantine = open_output(rejects_uri, reject_template, batch_id, rejects=True)
     except BaseException:
         predictions.abort()
         raise
     try:
-        for chunk in validated_chunks(table, require_label=False, on_chunk=on_chunk):
+        # Reading and validating the next chunk, and writing the last, overlap scoring this one.
+        chunks = prefetch(validated_chunks(table, require_label=False, on_chunk=on_chunk))
+        for chunk in chunks:
             summary.read += chunk.n_read
             summary.warnings.update(chunk.warnings)
             if len(chunk.rows):
