@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO   := out/demo
 export BACKORDER_HOME ?= .backorder
 
-.PHONY: setup demo serve test lint typecheck check bench bench-train bench-quality bench-tune bench-serve screenshot airflow-demo clean
+.PHONY: setup demo serve test lint typecheck check bench bench-train bench-quality bench-tune bench-serve bench-scoring screenshot airflow-demo clean
 
 setup: $(STAMP)
 
@@ -64,6 +64,11 @@ bench-tune: setup
 bench-serve: setup
 	$(BIN)/python bench/serve_latency.py
 
+# Scoring throughput and peak memory, 1 M to 10 M up-sampled rows, every engine (~40 min; needs
+# ../shared; trains the default model first when out/bench-scoring/home has none).
+bench-scoring: setup
+	$(BIN)/python bench/scoring.py
+
 # Refresh the README's screenshot of the page (the browser test saves it).
 screenshot: setup
 	SAVE_SCREENSHOT=$(CURDIR)/docs/web-page.png $(BIN)/python -m pytest -q tests/test_live_server.py -k browser
@@ -72,7 +77,7 @@ screenshot: setup
 bench: setup
 	$(BIN)/python bench/train_time.py --repeat 3
 	$(BIN)/python bench/crossfile_quality.py
-	$(BIN)/python bench/predict_scale.py --rows 200000 1000000 2000000
+	$(BIN)/python bench/scoring.py
 	$(BIN)/python bench/serve_latency.py
 
 clean:

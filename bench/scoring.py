@@ -44,6 +44,15 @@ SAMPLES = [
 ]
 FLAGS = ["potential_issue", "deck_risk", "oe_constraint", "ppap_risk", "stop_auto_buy", "rev_stop"]
 PARTITION_ROWS = 250_000
+COLORS = {
+    "floor": "tab:gray",
+    "seed_rf": "tab:pink",
+    "lightgbm": "tab:brown",
+    "compiled": "tab:orange",
+    "backorder": "tab:blue",
+    "dask1": "tab:green",
+    "dask2": "tab:red",
+}
 CHUNK = 250_000
 
 
@@ -308,7 +317,12 @@ def main() -> int:
         default=["floor", "seed_rf", "lightgbm", "compiled", "backorder", "dask1", "dask2"],
     )
     parser.add_argument(
-        "--train-rows", type=int, default=1_700_000, help="0 skips the training run"
+        "--train-rows",
+        type=int,
+        default=0,
+        help="also time `backorder train` on this many up-sampled labelled rows (default 0: "
+        "skipped; repeated rows fall on both sides of every CV fold, so early stopping never "
+        "stops and the run measures a degenerate case)",
     )
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "bench-scoring")
     parser.add_argument("--home", type=Path, default=None, help="registry with a champion")
@@ -402,7 +416,8 @@ def summarise(results: list[dict[str, Any]], work: Path) -> None:
     for ax, fmt in zip(axes, ["parquet", "csv"], strict=True):
         part = scoring[scoring["format"] == fmt]
         for job, group in part.groupby("job"):
-            ax.plot(group["rows"] / 1e6, group["seconds"], marker="o", label=job)
+            color = COLORS.get(str(job))
+            ax.plot(group["rows"] / 1e6, group["seconds"], marker="o", label=job, color=color)
         ax.set_title(f"{fmt} input")
         ax.set_xlabel("rows (millions, up-sampled)")
         ax.set_yscale("log")
