@@ -17,36 +17,15 @@ from datetime import timedelta
 from typing import Any
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task, task_group
+from airflow.sdk import dag, task, task_group
+
+from backorder.dag_support import PARAMS, final, landing_root, settings
 
 DEFAULT_ARGS = {
     # Transient store outages heal; bad files and drift blocks fail at once (no retry).
     "retries": 2,
     "retry_delay": timedelta(minutes=2),
 }
-
-
-def _settings() -> Any:
-    from backorder.config import load_settings
-
-    return load_settings(None)
-
-
-def _root() -> str:
-    given = get_current_context()["params"].get("landing_root")
-    return str(given or _settings().resolved_landing_root)
-
-
-def _final(exc: Exception) -> Exception:
-    """Problems a retry cannot fix fail the task for good, with the one-line message."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from backorder.errors import InputFileError
-    from backorder.pipelines import DriftBlocked
-
-    if isinstance(exc, InputFileError | DriftBlocked):
-        return AirflowFailException(str(exc))
-    return exc
 
 
 @dag(
@@ -56,7 +35,7 @@ def _final(exc: Exception) -> Exception:
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
-    params={"landing_root": Param(None, type=["null", "string"], description="Landing root URI")},
+    params=PARAMS,
     tags=["backorder"],
     doc_md=__doc__,
 )
@@ -67,7 +46,7 @@ def backorder_batch_prediction() -> None:
 
         from backorder.pipelines import pending_scoring
 
-        pending = pending_scoring(_root())
+        pending = pending_scoring(landing_root())
         if not pending:
             raise AirflowSkipException("no unscored batches")
         return pending
@@ -77,9 +56,9 @@ def backorder_batch_prediction() -> None:
         from backorder.pipelines import validate_batch
 
         try:
-            validate_batch(_root(), batch_id, _settings())
+            validate_batch(landing_root(), batch_id, settings())
         except Exception as exc:
-            raise _final(exc) from None
+            raise final(exc) from None
         return batch_id
 
     @task
@@ -87,18 +66,18 @@ def backorder_batch_prediction() -> None:
         from backorder.pipelines import check_drift
 
         try:
-            return check_drift(_root(), batch_id, _settings())
+            return check_drift(landing_root(), batch_id, settings())
         except Exception as exc:
-            raise _final(exc) from None
+            raise final(exc) from None
 
     @task
     def score(drift_summary: dict[str, Any]) -> dict[str, Any]:
         from backorder.pipelines import score_batch
 
         try:
-            scored = score_batch(_root(), drift_summary["batch_id"], _settings())
+            scored = score_batch(landing_root(), drift_summary["batch_id"], settings())
         except Exception as exc:
-            raise _final(exc) from None
+            raise final(exc) from None
         return scored | {"drift": drift_summary}
 
     @task
@@ -106,7 +85,7 @@ def backorder_batch_prediction() -> None:
         from backorder.pipelines import record_scoring
 
         drift_summary = scored.pop("drift")
-        return record_scoring(_root(), scored, _settings(), drift_summary)
+        return record_scoring(landing_root(), scored, settings(), drift_summary)
 
     # One mapped group per batch: a broken batch fails its own tasks, never its neighbours'.
     @task_group

@@ -12,31 +12,11 @@ from datetime import timedelta
 from typing import Any
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import dag, task
+
+from backorder.dag_support import PARAMS, final, landing_root, settings
 
 DEFAULT_ARGS = {"retries": 1, "retry_delay": timedelta(minutes=5)}
-
-
-def _settings() -> Any:
-    from backorder.config import load_settings
-
-    return load_settings(None)
-
-
-def _root() -> str:
-    given = get_current_context()["params"].get("landing_root")
-    return str(given or _settings().resolved_landing_root)
-
-
-def _final(exc: Exception) -> Exception:
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from backorder.errors import InputFileError
-    from backorder.pipelines import DriftBlocked
-
-    if isinstance(exc, InputFileError | DriftBlocked):
-        return AirflowFailException(str(exc))
-    return exc
 
 
 @dag(
@@ -46,7 +26,7 @@ def _final(exc: Exception) -> Exception:
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
-    params={"landing_root": Param(None, type=["null", "string"], description="Landing root URI")},
+    params=PARAMS,
     tags=["backorder"],
     doc_md=__doc__,
 )
@@ -57,7 +37,7 @@ def backorder_training() -> None:
 
         from backorder.pipelines import pending_training
 
-        new = pending_training(_root())
+        new = pending_training(landing_root())
         if not new:
             raise AirflowSkipException("no new labelled batches")
         return new
@@ -67,9 +47,9 @@ def backorder_training() -> None:
         from backorder.pipelines import LABELLED, validate_batch
 
         try:
-            validate_batch(_root(), batch_id, _settings(), kind=LABELLED)
+            validate_batch(landing_root(), batch_id, settings(), kind=LABELLED)
         except Exception as exc:
-            raise _final(exc) from None
+            raise final(exc) from None
         return batch_id
 
     @task
@@ -77,9 +57,9 @@ def backorder_training() -> None:
         from backorder.pipelines import LABELLED, check_drift
 
         try:
-            return check_drift(_root(), batch_id, _settings(), kind=LABELLED)
+            return check_drift(landing_root(), batch_id, settings(), kind=LABELLED)
         except Exception as exc:
-            raise _final(exc) from None
+            raise final(exc) from None
 
     @task
     def train(drift_summaries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -87,21 +67,21 @@ def backorder_training() -> None:
 
         # Indexing to len() reads each mapped XCom once (iterating probes one past the end).
         summaries = [drift_summaries[i] for i in range(len(drift_summaries))]
-        trained = train_on_landing(_root(), _settings(), [d["batch_id"] for d in summaries])
+        trained = train_on_landing(landing_root(), settings(), [d["batch_id"] for d in summaries])
         return trained | {"drift": summaries}
 
     @task
     def promote_or_keep(trained: dict[str, Any]) -> dict[str, Any]:
         from backorder.pipelines import promote_or_keep as decide
 
-        return decide(_settings(), trained)
+        return decide(settings(), trained)
 
     @task
     def report(decided: dict[str, Any]) -> str:
         from backorder.pipelines import record_training
 
         drift_summaries = decided.pop("drift")
-        return record_training(_root(), decided, _settings(), drift_summaries)
+        return record_training(landing_root(), decided, settings(), drift_summaries)
 
     drifted = drift.expand(batch_id=validate.expand(batch_id=find_new_labelled()))
     report(promote_or_keep(train(drifted)))
