@@ -126,6 +126,21 @@ def _features(batch: pa.RecordBatch, names: list[str]) -> np.ndarray:
     return frame[names].to_numpy(dtype="float64")
 
 
+def _score_batches(path: Path, out: Path, score: Any) -> tuple[int, float]:
+    """Score the input batch by batch into a Parquet of probabilities; time only this loop
+    (the model is loaded, and compiled, before the clock starts)."""
+    rows, writer = 0, None
+    started = time.perf_counter()
+    for batch in _batches(path):
+        table = pa.table({"backorder_probability": score(batch)})
+        writer = writer or pq.ParquetWriter(out, table.schema, compression="zstd")
+        writer.write_table(table)
+        rows += batch.num_rows
+    assert writer is not None
+    writer.close()
+    return rows, time.perf_counter() - started
+
+
 def job_model(path: Path, out: Path, home: Path, engine: str, **_: Any) -> tuple[int, float]:
     from backorder.config import load_settings
     from backorder.model import classifier_of
@@ -136,35 +151,20 @@ def job_model(path: Path, out: Path, home: Path, engine: str, **_: Any) -> tuple
     clf = classifier_of(model.pipeline)
     assert clf.scoring_engine == engine, clf.scoring_engine
     names = [str(n) for n in clf.feature_names_in_]
-    rows, writer = 0, None
-    started = time.perf_counter()  # the model is loaded (and compiled) before the clock starts
-    for batch in _batches(path):
-        p = 1.0 / (1.0 + np.exp(-clf.log_odds(_features(batch, names))))
-        table = pa.table({"backorder_probability": p})
-        writer = writer or pq.ParquetWriter(out, table.schema, compression="zstd")
-        writer.write_table(table)
-        rows += batch.num_rows
-    assert writer is not None
-    writer.close()
-    return rows, time.perf_counter() - started
+    return _score_batches(
+        path, out, lambda batch: 1.0 / (1.0 + np.exp(-clf.log_odds(_features(batch, names))))
+    )
 
 
 def job_seed_rf(path: Path, out: Path, rf_model: Path, **_: Any) -> tuple[int, float]:
     import joblib
 
     pipeline = joblib.load(rf_model)
-    rows, writer = 0, None
-    started = time.perf_counter()
-    for batch in _batches(path):
-        frame = batch.to_pandas()
-        p = pipeline.predict_proba(frame[pipeline.feature_names_in_])[:, 1]
-        table = pa.table({"backorder_probability": p})
-        writer = writer or pq.ParquetWriter(out, table.schema, compression="zstd")
-        writer.write_table(table)
-        rows += batch.num_rows
-    assert writer is not None
-    writer.close()
-    return rows, time.perf_counter() - started
+    return _score_batches(
+        path,
+        out,
+        lambda batch: pipeline.predict_proba(batch.to_pandas()[pipeline.feature_names_in_])[:, 1],
+    )
 
 
 def job_backorder(path: Path, out: Path, home: Path, **_: Any) -> int:
