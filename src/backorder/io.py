@@ -238,7 +238,10 @@ class InputTable:
         rows_seen = 0
         try:
             with self._fs.open(self._path, "rb") as handle:
-                for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_rows):
+                # pre_buffer keeps every row group it has read cached until the file closes:
+                # RSS grew ~1.4 MiB a chunk with it on, and stays flat with it off.
+                parquet = pq.ParquetFile(handle, pre_buffer=False)
+                for batch in parquet.iter_batches(batch_size=batch_rows):
                     frame = batch.to_pandas()
                     frame.columns = self.columns
                     frame.index = pd.RangeIndex(rows_seen + 1, rows_seen + 1 + len(frame))
