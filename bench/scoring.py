@@ -151,9 +151,7 @@ def job_model(path: Path, out: Path, home: Path, engine: str, **_: Any) -> tuple
     clf = classifier_of(model.pipeline)
     assert clf.scoring_engine == engine, clf.scoring_engine
     names = [str(n) for n in clf.feature_names_in_]
-    return _score_batches(
-        path, out, lambda batch: 1.0 / (1.0 + np.exp(-clf.log_odds(_features(batch, names))))
-    )
+    return _score_batches(path, out, lambda batch: clf.probability(_features(batch, names)))
 
 
 def job_seed_rf(path: Path, out: Path, rf_model: Path, **_: Any) -> tuple[int, float]:

@@ -12,13 +12,14 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
+from backorder.api_schema import SkuRecord, records_frame
 from backorder.compiled import CompiledTreesUnavailable
 from backorder.config import Settings
 from backorder.data import load_rows
 from backorder.model import classifier_of
 from backorder.predict import predict_file
 from backorder.registry import Registry
-from backorder.serve import create_app
+from backorder.serve import FORM_DEFAULTS, create_app
 from tests.conftest import SAMPLE, run_cli
 
 
@@ -93,22 +94,9 @@ def test_web_app_scores_with_compiled_trees(trained_settings: Settings) -> None:
     with TestClient(create_app(trained_settings)) as client:
         info = client.get("/v1/model").json()
         assert info["scoring_engine"] == "compiled"
-        record = {c: v for c, v in _rows().drop(columns=["sku"]).iloc[0].items() if not pd.isna(v)}
-        flags = ("potential_issue", "deck_risk", "oe_constraint", "ppap_risk", "stop_auto_buy")
-        body = {
-            "records": [
-                {
-                    **{
-                        k: (("Yes" if v else "No") if k in (*flags, "rev_stop") else v)
-                        for k, v in record.items()
-                    },
-                    "sku": "A1",
-                }
-            ]
-        }
-        answer = client.post("/v1/predict", json=body)
+        answer = client.post("/v1/predict", json={"records": [FORM_DEFAULTS]})
         assert answer.status_code == 200, answer.text
     plain = Registry(trained_settings).load("champion")
-    expected = plain.pipeline.predict_proba(_rows().iloc[:1])[:, 1][0]
+    expected = plain.pipeline.predict_proba(records_frame([SkuRecord(**FORM_DEFAULTS)]))[:, 1][0]
     got = answer.json()["predictions"][0]["backorder_probability"]
     assert abs(got - expected) <= 1e-9

@@ -17,6 +17,7 @@ import gzip
 import json
 import os
 import queue
+import shutil
 import tempfile
 import threading
 import uuid
@@ -81,6 +82,36 @@ def _canonical(name: str) -> str:
     return name.replace("\ufeff", "").strip().strip('"').strip().lower()
 
 
+def contract_columns(name: str, raw_columns: list[str], subject: str, hint: str = "") -> list[str]:
+    """An input's column names with the contract's columns in canonical form (case, spaces,
+    BOM and quotes dropped), others as given; fails fast, naming the input, when a contract
+    column appears twice or none of them does. ``subject`` and ``hint`` word the second error
+    for the kind of input ("the header has" ... "; is it a CSV ...?")."""
+    canonical = [_canonical(c) for c in raw_columns]
+    seen: set[str] = set()
+    for column in canonical:
+        if column in SPECS and column in seen:
+            raise InputFileError(f"{name}: column '{column}' appears more than once")
+        seen.add(column)
+    if not any(column in FEATURE_COLUMNS for column in canonical):
+        raise InputFileError(
+            f"{name}: {subject} none of the expected columns (national_inv, lead_time, ...){hint}"
+        )
+    return [can if can in SPECS else raw for raw, can in zip(raw_columns, canonical, strict=True)]
+
+
+def require_columns(
+    name: str, columns: list[str], required: tuple[str, ...] | list[str], hint_if_many: str = ""
+) -> None:
+    """Fail fast, naming the input, when required contract columns are absent."""
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise InputFileError(
+            f"{name}: missing required column(s) {', '.join(missing)}"
+            + (hint_if_many if len(missing) > 3 else "")
+        )
+
+
 class InputTable:
     """One input file, opened and sniffed; iterate ``chunks()`` to read it in bounded memory."""
 
@@ -97,7 +128,7 @@ class InputTable:
         except OSError as exc:
             raise InputFileError(f"{self.uri}: cannot be opened ({exc.strerror or exc})") from None
         except Exception as exc:
-            raise InputFileError(f"{self.uri}: cannot be opened ({_first_line(exc)})") from None
+            raise InputFileError(f"{self.uri}: cannot be opened ({first_line(exc)})") from None
         if info.get("type") == "directory":
             raise InputFileError(f"{self.uri}: is a directory, expected a CSV or Parquet file")
         self.size_bytes: int = int(info.get("size") or 0)
@@ -148,7 +179,7 @@ class InputTable:
                 self.total_rows: int | None = parquet.metadata.num_rows
         except (pa.ArrowException, OSError) as exc:
             raise InputFileError(
-                f"{self.uri}: not a readable Parquet file ({_first_line(exc)})"
+                f"{self.uri}: not a readable Parquet file ({first_line(exc)})"
             ) from None
         if self.total_rows == 0:
             raise InputFileError(f"{self.uri}: Parquet file has no rows")
@@ -184,30 +215,16 @@ class InputTable:
         self._header_only = not body and not self.compressed and self.size_bytes <= SNIFF_BYTES
 
     def _check_columns(self) -> None:
-        canonical = [_canonical(c) for c in self.raw_columns]
-        seen: set[str] = set()
-        for name in canonical:
-            if name in SPECS and name in seen:
-                raise InputFileError(f"{self.uri}: column '{name}' appears more than once")
-            seen.add(name)
-        if not any(name in FEATURE_COLUMNS for name in canonical):
-            raise InputFileError(
-                f"{self.uri}: the header has none of the expected columns (national_inv, "
-                "lead_time, ...); is it a CSV or Parquet file of inventory snapshots?"
-            )
-        self._rename = {
-            raw: can for raw, can in zip(self.raw_columns, canonical, strict=True) if can in SPECS
-        }
-        self.columns = [self._rename.get(c, c) for c in self.raw_columns]
+        self.columns = contract_columns(
+            self.uri,
+            self.raw_columns,
+            "the header has",
+            "; is it a CSV or Parquet file of inventory snapshots?",
+        )
 
     def require(self, required: tuple[str, ...] | list[str]) -> None:
         """Fail fast, naming the file, when required contract columns are absent."""
-        missing = [c for c in required if c not in self.columns]
-        if missing:
-            raise InputFileError(
-                f"{self.uri}: missing required column(s) {', '.join(missing)}"
-                + (" (is it the right file?)" if len(missing) > 3 else "")
-            )
+        require_columns(self.uri, self.columns, required, " (is it the right file?)")
 
     @property
     def has_label(self) -> bool:
@@ -249,7 +266,7 @@ class InputTable:
                     yield RawChunk(frame)
         except (pa.ArrowException, OSError) as exc:
             raise InputFileError(
-                f"{self.uri}: Parquet data is corrupt ({_first_line(exc)})"
+                f"{self.uri}: Parquet data is corrupt ({first_line(exc)})"
             ) from None
 
     def _csv_chunks(self) -> Iterator[RawChunk]:
@@ -312,15 +329,15 @@ class InputTable:
                 )
         except pa.ArrowInvalid as exc:
             raise InputFileError(
-                f"{self.uri}: cannot be parsed as CSV ({_first_line(exc)})"
+                f"{self.uri}: cannot be parsed as CSV ({first_line(exc)})"
             ) from None
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
-            raise InputFileError(f"{self.uri}: cannot be read ({_first_line(exc)})") from None
+            raise InputFileError(f"{self.uri}: cannot be read ({first_line(exc)})") from None
         finally:
             self._raw_handle.close()
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
 
 
@@ -373,7 +390,7 @@ def _upload(local: Path, uri: str) -> None:
         fs, path = fsspec.core.url_to_fs(uri)
         fs.put_file(str(local), path)
     except Exception as exc:
-        raise OutputError(f"{uri}: cannot be written ({_first_line(exc)})") from None
+        raise OutputError(f"{uri}: cannot be written ({first_line(exc)})") from None
 
 
 class TableWriter:
@@ -463,29 +480,45 @@ def write_table_atomic(path: str | Path, frame: pd.DataFrame) -> Path:
     return writer.target
 
 
+@contextlib.contextmanager
+def _staged(target: str | Path) -> Iterator[Path]:
+    """A temporary local file to fill; when the block succeeds it becomes ``target`` whole
+    (renamed beside a local target, or uploaded as one object), else it is removed."""
+    remote = is_remote(target)
+    if remote:
+        temp = _local_temp(Path(str(target)).name)
+    else:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        temp = _temp_path(Path(target))
+    try:
+        yield temp
+        if remote:
+            _upload(temp, str(target))
+        else:
+            os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def copy_atomic(source: str | Path, target: str | Path) -> None:
+    """Copy a file (path or URL) to ``target`` (path or URL) whole or not at all, streaming."""
+    with _staged(target) as temp:
+        if is_remote(source):
+            fs, path = fsspec.core.url_to_fs(str(source))
+            fs.get_file(path, str(temp))
+        else:
+            shutil.copyfile(source, temp)
+
+
 @overload
 def write_text_atomic(path: Path, text: str) -> Path: ...
 @overload
 def write_text_atomic(path: str | Path, text: str) -> str | Path: ...
 def write_text_atomic(path: str | Path, text: str) -> str | Path:
     """Write a whole text file (local path or fsspec URL) atomically."""
-    if is_remote(path):
-        temp = _local_temp(Path(str(path)).name)
-        try:
-            temp.write_text(text, encoding="utf-8")
-            _upload(temp, str(path))
-        finally:
-            temp.unlink(missing_ok=True)
-        return str(path)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = _temp_path(target)
-    try:
+    with _staged(path) as temp:
         temp.write_text(text, encoding="utf-8")
-        os.replace(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
-    return target
+    return str(path) if is_remote(path) else Path(path)
 
 
 @overload

@@ -225,8 +225,15 @@ class BackorderClassifier(ClassifierMixin, BaseEstimator):
     def log_odds(self, X: pd.DataFrame | np.ndarray) -> np.ndarray:
         return self.calibrated_log_odds(self.raw_score(X))
 
+    def probability(self, X: pd.DataFrame | np.ndarray) -> np.ndarray:
+        """The calibrated probability of a backorder, one per row."""
+        return _sigmoid(self.log_odds(X))
+
+    def probability_from_raw(self, raw: np.ndarray) -> np.ndarray:
+        return _sigmoid(self.calibrated_log_odds(raw))
+
     def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
-        p = _sigmoid(self.log_odds(X))
+        p = self.probability(X)
         return np.column_stack([1.0 - p, p])
 
     def predict(self, X: pd.DataFrame) -> np.ndarray:

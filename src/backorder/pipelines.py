@@ -37,7 +37,7 @@ import pandas as pd
 from backorder.config import Settings
 from backorder.data import check_inputs, load_rows
 from backorder.errors import BackorderError, InputFileError, OutputError
-from backorder.io import is_remote, write_json_atomic, write_text_atomic
+from backorder.io import copy_atomic, write_json_atomic, write_text_atomic
 from backorder.predict import new_batch_id, predict_file
 
 LABELLED, UNSCORED, PREDICTIONS, REJECTS, REPORTS, MANIFEST, METRICS = (
@@ -133,19 +133,7 @@ class Landing:
         if existing is not None:
             raise InputFileError(f"{existing}: batch {batch_id} has landed already")
         target = self.uri(kind, batch_id + suffix)
-        src_fs, src_path = fsspec.core.url_to_fs(str(source))
-        data = src_fs.cat_file(src_path)
-        if is_remote(target):
-            try:
-                self.fs.pipe_file(f"{self.base}/{kind}/{batch_id}{suffix}", data)
-            except Exception as exc:
-                raise OutputError(f"{target}: cannot be written ({exc})") from None
-        else:
-            folder = Path(self.base) / kind
-            folder.mkdir(parents=True, exist_ok=True)
-            temp = folder / f".{batch_id}{suffix}.tmp"
-            temp.write_bytes(data)
-            temp.replace(folder / f"{batch_id}{suffix}")
+        copy_atomic(source, target)
         return target
 
     # -- the manifest --------------------------------------------------------------------------
@@ -171,11 +159,19 @@ def pending_scoring(root: str) -> list[str]:
     return [b for b in landing.batches(UNSCORED) if b not in done]
 
 
-def validate_batch(root: str, batch_id: str, settings: Settings, kind: str = UNSCORED) -> str:
-    """Fail fast on whole-file problems; return the batch's URI."""
-    uri = Landing(root).batches(kind).get(batch_id)
+def batch_uri(root: str, batch_id: str, kind: str = UNSCORED) -> str:
+    """Where a landed batch is, or a one-line error when it has not landed."""
+    landing = Landing(root)
+    uri = landing.batches(kind).get(batch_id)
     if uri is None:
-        raise InputFileError(f"{Landing(root).uri(kind)}: no batch {batch_id}")
+        raise InputFileError(f"{landing.uri(kind)}: no batch {batch_id}")
+    return uri
+
+
+def validate_batch(root: str, batch_id: str, settings: Settings, kind: str = UNSCORED) -> str:
+    """Fail fast on whole-file problems; return the batch's URI. The first step of a batch:
+    the later steps (drift, scoring) only look the batch up."""
+    uri = batch_uri(root, batch_id, kind)
     check_inputs([uri], require_label=kind == LABELLED, block_bytes=settings.read_block_bytes)
     return uri
 
@@ -193,7 +189,7 @@ def check_drift(
     from backorder.registry import Registry
 
     landing = Landing(root)
-    uri = validate_batch(root, batch_id, settings, kind)
+    uri = batch_uri(root, batch_id, kind)
     registry = Registry(settings)
     if registry.champion_version() is None and model == "champion":
         return {"batch_id": batch_id, "checked": False, "why": "no champion yet", "drifted": []}
@@ -266,7 +262,7 @@ def score_batch(
     from backorder.registry import Registry
 
     landing = Landing(root)
-    uri = validate_batch(root, batch_id, settings)
+    uri = batch_uri(root, batch_id)
     loaded = Registry(settings).load(
         model, settings.scoring_base_rate, compiled=settings.compiled_trees
     )
@@ -304,29 +300,35 @@ def record_scoring(
     return uri
 
 
-def _batch_metrics(scored: dict[str, Any]) -> str:
+def gauges(*figures: tuple[str, str, float | str]) -> str:
+    """(name, help, value) triples as Prometheus text, one gauge each."""
     lines = []
-    for name, help_text in (
-        ("read", "Rows read from the last scored batch."),
-        ("scored", "Rows scored in the last scored batch."),
-        ("rejected", "Rows quarantined with a reason in the last scored batch."),
-        ("flagged", "Rows at or over the decision threshold in the last scored batch."),
-    ):
-        metric = f"backorder_batch_rows_{name}"
-        lines += [
-            f"# HELP {metric} {help_text}",
-            f"# TYPE {metric} gauge",
-            f"{metric} {scored[name]}",
-        ]
-    lines += [
-        "# HELP backorder_batch_last_success_timestamp_seconds When a batch was last scored.",
-        "# TYPE backorder_batch_last_success_timestamp_seconds gauge",
-        f"backorder_batch_last_success_timestamp_seconds {time.time():.3f}",
-        "# HELP backorder_batch_duration_seconds Time to score the last batch.",
-        "# TYPE backorder_batch_duration_seconds gauge",
-        f"backorder_batch_duration_seconds {scored['seconds']}",
-    ]
+    for name, help_text, value in figures:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
     return "\n".join(lines) + "\n"
+
+
+def _batch_metrics(scored: dict[str, Any]) -> str:
+    return gauges(
+        ("backorder_batch_rows_read", "Rows read from the last scored batch.", scored["read"]),
+        ("backorder_batch_rows_scored", "Rows scored in the last scored batch.", scored["scored"]),
+        (
+            "backorder_batch_rows_rejected",
+            "Rows quarantined with a reason in the last scored batch.",
+            scored["rejected"],
+        ),
+        (
+            "backorder_batch_rows_flagged",
+            "Rows at or over the decision threshold in the last scored batch.",
+            scored["flagged"],
+        ),
+        (
+            "backorder_batch_last_success_timestamp_seconds",
+            "When a batch was last scored.",
+            f"{time.time():.3f}",
+        ),
+        ("backorder_batch_duration_seconds", "Time to score the last batch.", scored["seconds"]),
+    )
 
 
 def publish_metrics(landing: Landing, job: str, text: str, settings: Settings) -> None:
@@ -412,13 +414,17 @@ def record_training(
     uri = landing.record(
         TRAINING, decided["run"], {"status": "trained", "at": _now(), **decided, "drift": drift}
     )
-    text = (
-        "# HELP backorder_training_last_success_timestamp_seconds When training last finished.\n"
-        "# TYPE backorder_training_last_success_timestamp_seconds gauge\n"
-        f"backorder_training_last_success_timestamp_seconds {time.time():.3f}\n"
-        "# HELP backorder_training_promoted Whether the last training run's model was promoted.\n"
-        "# TYPE backorder_training_promoted gauge\n"
-        f"backorder_training_promoted {int(decided['promoted'])}\n"
+    text = gauges(
+        (
+            "backorder_training_last_success_timestamp_seconds",
+            "When training last finished.",
+            f"{time.time():.3f}",
+        ),
+        (
+            "backorder_training_promoted",
+            "Whether the last training run's model was promoted.",
+            int(decided["promoted"]),
+        ),
     )
     publish_metrics(landing, "training", text, settings)
     return uri
@@ -466,6 +472,7 @@ def score_pending(root: str, settings: Settings, say: Any = print) -> list[dict[
     done, failed = [], []
     for batch in pending_scoring(root):
         try:
+            validate_batch(root, batch, settings)
             drift = check_drift(root, batch, settings)
             scored = score_batch(root, batch, settings)
             record_scoring(root, scored, settings, drift)
@@ -489,6 +496,8 @@ def train_if_new(root: str, settings: Settings, say: Any = print) -> dict[str, A
     if not new:
         say("no new labelled batches: nothing to train on")
         return None
+    for batch in new:
+        validate_batch(root, batch, settings, kind=LABELLED)
     drift = [check_drift(root, b, settings, kind=LABELLED) for b in new]
     trained = train_on_landing(root, settings, new)
     decided = promote_or_keep(settings, trained)

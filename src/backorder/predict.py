@@ -62,7 +62,7 @@ def score_rows(model: LoadedModel, rows: pd.DataFrame, settings: Settings) -> pd
     """
     features = model.pipeline.steps[0][1].transform(rows)
     clf = classifier_of(model.pipeline)
-    probability = 1.0 / (1.0 + np.exp(-clf.log_odds(features)))
+    probability = clf.probability(features)
     threshold = clf.decision_threshold_
     band = risk_band(probability, threshold, settings.watchlist_fraction)
     out = pd.DataFrame(index=rows.index)
@@ -114,7 +114,7 @@ def score_with_reasons(
     matrix, _ = clf.contribution_matrix(values, settings.reason_method)
     # The contributions add up to the log-odds too, but the probability comes from the same
     # scorer as batch scoring (compiled trees when available), so both report the same number.
-    probability = 1.0 / (1.0 + np.exp(-clf.log_odds(values)))
+    probability = clf.probability(values)
     threshold = clf.decision_threshold_
     return ExplainedScores(
         probability=probability,

@@ -200,7 +200,7 @@ class Registry:
             clf.booster_,
             self.settings.home / "compiled",
             check,
-            lambda raw: 1.0 / (1.0 + np.exp(-clf.calibrated_log_odds(raw))),
+            clf.probability_from_raw,
             n_jobs=self.settings.lightgbm.n_jobs,
             say=say,
         )

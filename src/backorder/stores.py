@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from backorder.errors import InputFileError
+from backorder.io import contract_columns, first_line, require_columns
 
 SQL_SCHEMES = ("postgresql", "postgres", "sqlite", "mysql", "mariadb", "mssql", "oracle")
 MONGO_SCHEMES = ("mongodb", "mongodb+srv")
@@ -78,15 +79,6 @@ def sqlalchemy_url(uri: str) -> str:
     return uri
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__
-
-
-def _canonical(name: str) -> str:
-    return name.replace("\ufeff", "").strip().strip('"').strip().lower()
-
-
 class DatabaseInput:
     """Rows of a SQL table or MongoDB collection, with ``InputTable``'s reading interface."""
 
@@ -94,22 +86,12 @@ class DatabaseInput:
     size_bytes = 0
 
     def __init__(self, uri: str, block_rows: int = 50_000) -> None:
-        from backorder.contract import FEATURE_COLUMNS, LABEL, SPECS
-
         self.uri = uri
         self.base, self.table = split_table(uri)
         self.block_rows = block_rows
         self._rows_read = 0
         self.raw_columns = self._open()
-        canonical = [_canonical(c) for c in self.raw_columns]
-        if not any(name in FEATURE_COLUMNS for name in canonical):
-            raise InputFileError(
-                f"{self.name}: has none of the expected columns (national_inv, lead_time, ...)"
-            )
-        self.columns = [
-            c if c in SPECS else raw for raw, c in zip(self.raw_columns, canonical, strict=True)
-        ]
-        self._label = LABEL
+        self.columns = contract_columns(self.name, self.raw_columns, "has")
 
     @property
     def name(self) -> str:
@@ -122,13 +104,13 @@ class DatabaseInput:
         raise NotImplementedError
 
     def require(self, required: tuple[str, ...] | list[str]) -> None:
-        missing = [c for c in required if c not in self.columns]
-        if missing:
-            raise InputFileError(f"{self.name}: missing required column(s) {', '.join(missing)}")
+        require_columns(self.name, self.columns, required)
 
     @property
     def has_label(self) -> bool:
-        return self._label in self.columns
+        from backorder.contract import LABEL
+
+        return LABEL in self.columns
 
     def position(self) -> int:
         return self._rows_read
@@ -159,7 +141,7 @@ class SqlInput(DatabaseInput):
         except sa.exc.NoSuchTableError:
             raise InputFileError(f"{self.name}: table not found") from None
         except (sa.exc.SQLAlchemyError, ImportError, ValueError) as exc:
-            raise InputFileError(f"{self.name}: cannot be read ({_first_line(exc)})") from None
+            raise InputFileError(f"{self.name}: cannot be read ({first_line(exc)})") from None
         return [c.name for c in self._table.columns]
 
     def _batches(self) -> Iterator[list[tuple[Any, ...]]]:
@@ -174,7 +156,7 @@ class SqlInput(DatabaseInput):
                 for partition in result.partitions(self.block_rows):
                     yield [tuple(row) for row in partition]
         except sa.exc.SQLAlchemyError as exc:
-            raise InputFileError(f"{self.name}: cannot be read ({_first_line(exc)})") from None
+            raise InputFileError(f"{self.name}: cannot be read ({first_line(exc)})") from None
         finally:
             self._engine.dispose()
 
@@ -184,24 +166,37 @@ class SqlInput(DatabaseInput):
         )
 
 
+def _mongo_database(uri: str) -> tuple[Any, Any]:
+    """A client and the database the URI names (``mongodb://host:port/DB``)."""
+    import pymongo
+
+    client: Any = pymongo.MongoClient(uri, serverSelectionTimeoutMS=10_000)
+    return client, client.get_default_database()
+
+
+@contextlib.contextmanager
+def _mongo_errors(name: str, failing: str) -> Iterator[None]:
+    """pymongo's errors as one line naming the collection: a URI without a database, or
+    ``failing`` ("cannot be read") with the server's reason."""
+    import pymongo.errors
+
+    try:
+        yield
+    except pymongo.errors.ConfigurationError as exc:
+        raise InputFileError(f"{name}: name the database in the URI ({first_line(exc)})") from None
+    except pymongo.errors.PyMongoError as exc:
+        raise InputFileError(f"{name}: {failing} ({first_line(exc)})") from None
+
+
 class MongoInput(DatabaseInput):
     def _open(self) -> list[str]:
-        import pymongo
-        import pymongo.errors
 
-        try:
-            self._client: Any = pymongo.MongoClient(self.base, serverSelectionTimeoutMS=10_000)
-            database = self._client.get_default_database()
+        with _mongo_errors(self.name, "cannot be read"):
+            self._client, database = _mongo_database(self.base)
             if self.table not in database.list_collection_names():
                 raise InputFileError(f"{self.name}: collection not found")
             self._collection = database[self.table]
             first = self._collection.find_one({}, projection={"_id": False})
-        except pymongo.errors.ConfigurationError as exc:
-            raise InputFileError(
-                f"{self.name}: name the database in the URI ({_first_line(exc)})"
-            ) from None
-        except pymongo.errors.PyMongoError as exc:
-            raise InputFileError(f"{self.name}: cannot be read ({_first_line(exc)})") from None
         if first is None:
             raise InputFileError(f"{self.name}: collection has no documents")
         return list(first)
@@ -222,7 +217,7 @@ class MongoInput(DatabaseInput):
             if batch:
                 yield batch
         except pymongo.errors.PyMongoError as exc:
-            raise InputFileError(f"{self.name}: cannot be read ({_first_line(exc)})") from None
+            raise InputFileError(f"{self.name}: cannot be read ({first_line(exc)})") from None
         finally:
             self._client.close()
 
@@ -339,7 +334,7 @@ class SqlOutput(DatabaseOutput):
             )
         except sa.exc.SQLAlchemyError as exc:
             self.abort()
-            raise InputFileError(f"{self.name}: cannot be written ({_first_line(exc)})") from None
+            raise InputFileError(f"{self.name}: cannot be written ({first_line(exc)})") from None
 
     def _check_columns(self) -> None:
         import sqlalchemy as sa
@@ -363,7 +358,7 @@ class SqlOutput(DatabaseOutput):
         try:
             self._connection.execute(self._table.insert(), records)
         except sa.exc.SQLAlchemyError as exc:
-            raise InputFileError(f"{self.name}: cannot be written ({_first_line(exc)})") from None
+            raise InputFileError(f"{self.name}: cannot be written ({first_line(exc)})") from None
         self.rows += len(frame)
 
     def commit(self) -> None:
@@ -372,7 +367,7 @@ class SqlOutput(DatabaseOutput):
         try:
             self._transaction.commit()
         except sa.exc.SQLAlchemyError as exc:
-            raise InputFileError(f"{self.name}: commit failed ({_first_line(exc)})") from None
+            raise InputFileError(f"{self.name}: commit failed ({first_line(exc)})") from None
         finally:
             self._close()
 
@@ -404,23 +399,15 @@ class MongoOutput(DatabaseOutput):
     def __init__(
         self, uri: str, template: pd.DataFrame, batch_id: str, rejects: bool = False
     ) -> None:
-        import pymongo
-        import pymongo.errors
 
         super().__init__(uri, template, batch_id, rejects)
         self.run_id = uuid.uuid4().hex
-        try:
-            self._client: Any = pymongo.MongoClient(self.base, serverSelectionTimeoutMS=10_000)
-            self._collection = self._client.get_default_database()[self.table]
+        with _mongo_errors(self.name, "cannot be written"):
+            self._client, database = _mongo_database(self.base)
+            self._collection = database[self.table]
             self._collection.create_index(
                 [(BATCH_ID, 1), (RUN_ID, 1), ("row_number", 1)], unique=True
             )
-        except pymongo.errors.ConfigurationError as exc:
-            raise InputFileError(
-                f"{self.name}: name the database in the URI ({_first_line(exc)})"
-            ) from None
-        except pymongo.errors.PyMongoError as exc:
-            raise InputFileError(f"{self.name}: cannot be written ({_first_line(exc)})") from None
 
     def write(self, frame: pd.DataFrame) -> None:
         import pymongo.errors
@@ -437,7 +424,7 @@ class MongoOutput(DatabaseOutput):
         try:
             self._collection.insert_many(records, ordered=False)
         except pymongo.errors.PyMongoError as exc:
-            raise InputFileError(f"{self.name}: cannot be written ({_first_line(exc)})") from None
+            raise InputFileError(f"{self.name}: cannot be written ({first_line(exc)})") from None
         self.rows += len(frame)
 
     def commit(self) -> None:
@@ -446,7 +433,7 @@ class MongoOutput(DatabaseOutput):
         try:
             self._collection.delete_many({BATCH_ID: self.batch_id, RUN_ID: {"$ne": self.run_id}})
         except pymongo.errors.PyMongoError as exc:
-            raise InputFileError(f"{self.name}: commit failed ({_first_line(exc)})") from None
+            raise InputFileError(f"{self.name}: commit failed ({first_line(exc)})") from None
         finally:
             self._client.close()
 
@@ -457,12 +444,10 @@ class MongoOutput(DatabaseOutput):
         self._client.close()
 
     def discard(self) -> None:
-        import pymongo
 
-        client: Any = pymongo.MongoClient(self.base, serverSelectionTimeoutMS=10_000)
+        client, database = _mongo_database(self.base)
         with contextlib.suppress(Exception):
-            collection = client.get_default_database()[self.table]
-            collection.delete_many({BATCH_ID: self.batch_id, RUN_ID: self.run_id})
+            database[self.table].delete_many({BATCH_ID: self.batch_id, RUN_ID: self.run_id})
         client.close()
 
 
