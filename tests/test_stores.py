@@ -23,6 +23,7 @@ from backorder.registry import Registry
 from backorder.stores import sqlalchemy_url
 from tests.conftest import SAMPLE, make_settings, run_cli
 from tests.servers import MongoServer, PostgresServer, SeaweedS3
+from tests.test_cli import one_line_error
 
 
 def _name(prefix: str) -> str:
@@ -190,6 +191,21 @@ def test_missing_tables_and_unreachable_servers_are_one_line_errors(
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_an_unreachable_output_database_exits_4(trained_settings: Settings) -> None:
+    result = run_cli(
+        "predict",
+        "--input",
+        str(SAMPLE / "new_batch.csv.gz"),
+        "--output",
+        "postgresql://nobody@127.0.0.1:1/x",
+        "--output-table",
+        "predictions",
+        home=trained_settings.home,
+    )
+    assert result.returncode == 4, result.stderr
+    assert "#predictions: cannot be written" in one_line_error(result.stderr)
 
 
 def test_training_keeps_mlflow_artifacts_in_s3(s3_env: SeaweedS3, tmp_path: Path) -> None:

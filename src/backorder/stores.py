@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from backorder.errors import InputFileError
+from backorder.errors import BackorderError, InputFileError, OutputError
 from backorder.io import contract_columns, first_line, require_columns
 
 SQL_SCHEMES = ("postgresql", "postgres", "sqlite", "mysql", "mariadb", "mssql", "oracle")
@@ -175,7 +175,9 @@ def _mongo_database(uri: str) -> tuple[Any, Any]:
 
 
 @contextlib.contextmanager
-def _mongo_errors(name: str, failing: str) -> Iterator[None]:
+def _mongo_errors(
+    name: str, failing: str, error: type[BackorderError] = InputFileError
+) -> Iterator[None]:
     """pymongo's errors as one line naming the collection: a URI without a database, or
     ``failing`` ("cannot be read") with the server's reason."""
     import pymongo.errors
@@ -185,7 +187,7 @@ def _mongo_errors(name: str, failing: str) -> Iterator[None]:
     except pymongo.errors.ConfigurationError as exc:
         raise InputFileError(f"{name}: name the database in the URI ({first_line(exc)})") from None
     except pymongo.errors.PyMongoError as exc:
-        raise InputFileError(f"{name}: {failing} ({first_line(exc)})") from None
+        raise error(f"{name}: {failing} ({first_line(exc)})") from None
 
 
 class MongoInput(DatabaseInput):
@@ -334,7 +336,7 @@ class SqlOutput(DatabaseOutput):
             )
         except sa.exc.SQLAlchemyError as exc:
             self.abort()
-            raise InputFileError(f"{self.name}: cannot be written ({first_line(exc)})") from None
+            raise OutputError(f"{self.name}: cannot be written ({first_line(exc)})") from None
 
     def _check_columns(self) -> None:
         import sqlalchemy as sa
@@ -358,7 +360,7 @@ class SqlOutput(DatabaseOutput):
         try:
             self._connection.execute(self._table.insert(), records)
         except sa.exc.SQLAlchemyError as exc:
-            raise InputFileError(f"{self.name}: cannot be written ({first_line(exc)})") from None
+            raise OutputError(f"{self.name}: cannot be written ({first_line(exc)})") from None
         self.rows += len(frame)
 
     def commit(self) -> None:
@@ -367,7 +369,7 @@ class SqlOutput(DatabaseOutput):
         try:
             self._transaction.commit()
         except sa.exc.SQLAlchemyError as exc:
-            raise InputFileError(f"{self.name}: commit failed ({first_line(exc)})") from None
+            raise OutputError(f"{self.name}: commit failed ({first_line(exc)})") from None
         finally:
             self._close()
 
@@ -402,7 +404,7 @@ class MongoOutput(DatabaseOutput):
 
         super().__init__(uri, template, batch_id, rejects)
         self.run_id = uuid.uuid4().hex
-        with _mongo_errors(self.name, "cannot be written"):
+        with _mongo_errors(self.name, "cannot be written", OutputError):
             self._client, database = _mongo_database(self.base)
             self._collection = database[self.table]
             self._collection.create_index(
@@ -424,7 +426,7 @@ class MongoOutput(DatabaseOutput):
         try:
             self._collection.insert_many(records, ordered=False)
         except pymongo.errors.PyMongoError as exc:
-            raise InputFileError(f"{self.name}: cannot be written ({first_line(exc)})") from None
+            raise OutputError(f"{self.name}: cannot be written ({first_line(exc)})") from None
         self.rows += len(frame)
 
     def commit(self) -> None:
@@ -433,7 +435,7 @@ class MongoOutput(DatabaseOutput):
         try:
             self._collection.delete_many({BATCH_ID: self.batch_id, RUN_ID: {"$ne": self.run_id}})
         except pymongo.errors.PyMongoError as exc:
-            raise InputFileError(f"{self.name}: commit failed ({first_line(exc)})") from None
+            raise OutputError(f"{self.name}: commit failed ({first_line(exc)})") from None
         finally:
             self._client.close()
 
