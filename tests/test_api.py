@@ -21,9 +21,10 @@ from pydantic import ValidationError
 from backorder.api_schema import SkuRecord, records_frame
 from backorder.config import Settings
 from backorder.contract import FEATURE_COLUMNS, FLAG_COLUMNS, validate_chunk
+from backorder.logs import JsonFormatter
 from backorder.predict import score_rows
 from backorder.registry import Registry
-from backorder.serve import FORM_DEFAULTS, JsonFormatter, create_app
+from backorder.serve import FORM_DEFAULTS, create_app
 from tests.conftest import SAMPLE, make_settings
 
 
@@ -177,6 +178,7 @@ def test_requests_are_logged_as_json_with_a_request_id(
     line = json.loads(JsonFormatter().format(record))
     assert line["request_id"] == "abc123" and line["status"] == 200
     assert line["route"] == "/healthz" and line["duration_ms"] >= 0
+    assert line["model_version"] == client.get("/v1/model").json()["version"]
     coloured = logging.makeLogRecord({"msg": "started", "color_message": "\x1b[36mstarted"})
     assert "color_message" not in json.loads(JsonFormatter().format(coloured))
 

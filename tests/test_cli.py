@@ -280,3 +280,38 @@ def test_predict_base_rate_recalibrates_and_bad_rate_is_one_line(
     )
     assert bad.returncode == 2
     assert "scoring_base_rate" in one_line_error(bad.stderr)
+
+
+def test_json_logs_carry_batch_id_and_model_version(tmp_path: Path, trained_home: Path) -> None:
+    batch = "20261128T000000Z"
+    scored = run_cli(
+        "--log-format",
+        "json",
+        "predict",
+        "--input",
+        str(SAMPLE / "new_batch.csv.gz"),
+        "--output",
+        str(tmp_path / "p.parquet"),
+        "--batch-id",
+        batch,
+        home=trained_home,
+    )
+    assert scored.returncode == 0, scored.stderr
+    lines = [json.loads(line) for line in scored.stderr.splitlines() if line.strip()]
+    assert all({"time", "level", "logger", "message"} <= line.keys() for line in lines)
+    scoring = next(line for line in lines if line["message"].startswith("scoring "))
+    assert scoring["batch_id"] == batch and scoring["model_version"] == "1"
+
+    failed = run_cli(
+        "predict",
+        "--input",
+        str(tmp_path / "missing.csv"),
+        "--output",
+        str(tmp_path / "q.parquet"),
+        home=trained_home,
+        env={"BACKORDER_LOG_FORMAT": "json"},
+    )
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    error = json.loads(failed.stderr.strip().splitlines()[-1])
+    assert error["level"] == "error" and error["exit_code"] == 2
+    assert "missing.csv" in error["message"]

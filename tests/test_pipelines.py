@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -10,6 +11,7 @@ import pytest
 
 from backorder.config import Settings
 from backorder.errors import BackorderError, InputFileError
+from backorder.logs import JsonFormatter
 from backorder.pipelines import (
     LABELLED,
     UNSCORED,
@@ -89,7 +91,7 @@ def _drifted_copy(tmp_path: Path) -> Path:
 
 
 def test_drift_policy_blocks_scoring_and_says_why(
-    trained_settings: Settings, tmp_path: Path
+    trained_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     root = str(tmp_path / "landing")
     landing = Landing(root)
@@ -108,7 +110,15 @@ def test_drift_policy_blocks_scoring_and_says_why(
         score_pending(root, blocking, say=lambda _m: None)
 
     # The default policy only warns: the batch is scored and the drift is on its record.
-    warned = score_pending(root, trained_settings, say=lambda _m: None)
+    with caplog.at_level(logging.INFO, logger="backorder.pipelines"):
+        warned = score_pending(root, trained_settings, say=lambda _m: None)
+    # Each step's log line names its batch and model version (JSON lines in production).
+    logged = {r.getMessage(): json.loads(JsonFormatter().format(r)) for r in caplog.records}
+    assert logged["drift checked"]["level"] == "warning"
+    assert logged["drift checked"]["batch_id"] == "20261103T000000Z"
+    assert logged["batch scored"]["batch_id"] == "20261103T000000Z"
+    assert logged["batch scored"]["model_version"] == "1"
+    assert logged["batch scored"]["scored"] == warned[0]["scored"]
     assert warned[0]["batch_id"] == "20261103T000000Z"
     record = landing.records("scoring")["20261103T000000Z"]
     assert record["status"] == "scored" and "national_inv" in record["drift"]["drifted"]

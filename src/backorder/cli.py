@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -18,6 +20,7 @@ from rich.table import Table
 
 from backorder.config import Settings, load_settings
 from backorder.errors import BackorderError, ConfigError
+from backorder.logs import bind, configure_json
 
 app = typer.Typer(
     add_completion=False,
@@ -49,16 +52,49 @@ BaseRateOption = Annotated[
 ]
 
 
+# Progress, warnings and errors go to stderr: timestamped text for people, or JSON lines
+# (BACKORDER_LOG_FORMAT=json) for a log shipper. Results stay on stdout either way.
+log = logging.getLogger("backorder.cli")
+_log_format = {"json": False}  # set once per process by the callback below
+
+
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
+@app.callback()
+def _main(
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(
+            "--log-format",
+            envvar="BACKORDER_LOG_FORMAT",
+            help="stderr as timestamped text, or JSON lines carrying batch id and model version.",
+        ),
+    ] = LogFormat.text,
+) -> None:
+    _log_format["json"] = log_format is LogFormat.json
+    if _log_format["json"]:
+        configure_json()
+
+
 def _one_line_warning(message: Any, *_args: Any, **_kwargs: Any) -> None:
     """Warnings (say, compiled trees unavailable) as one line on stderr, not Python's two."""
-    err.print(f"warning: {message}", highlight=False)
+    if _log_format["json"]:
+        log.warning(str(message))
+    else:
+        err.print(f"warning: {message}", highlight=False)
 
 
 warnings.showwarning = _one_line_warning
 
 
 def _fail(message: str, code: int) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    if _log_format["json"]:
+        log.error(message, extra={"exit_code": code})
+    else:
+        err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -82,6 +118,9 @@ def _settings(config: Path | None, **overrides: Any) -> Settings:
 
 
 def _say(message: str) -> None:
+    if _log_format["json"]:
+        log.info(message)
+        return
     err.print(f"[dim]{datetime.now(UTC):%H:%M:%S}[/] {message}", highlight=False)
 
 
@@ -256,11 +295,13 @@ def predict(
 ) -> None:
     """Score a batch: every row is scored or written to the rejects with its reason."""
     from backorder.data import check_inputs
+    from backorder.model import classifier_of
     from backorder.predict import predict_file
     from backorder.registry import Registry
     from backorder.stores import with_table
 
     settings = _settings(config, scoring_base_rate=base_rate)
+    bind(batch_id=batch_id)
     if engine == "dask":
         from backorder.scale import predict_partitioned
 
@@ -290,6 +331,9 @@ def predict(
             model, settings.scoring_base_rate, compiled=settings.compiled_trees, say=_say
         )
     )
+    bind(model_version=loaded.version)
+    engine_used = classifier_of(loaded.pipeline).scoring_engine
+    _say(f"scoring {source} with model v{loaded.version} ({engine_used} trees)")
     with _reading_progress() as on_chunk:
         summary = _guard(
             lambda: predict_file(

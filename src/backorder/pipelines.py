@@ -22,6 +22,7 @@ DAGs call them, and anything else (cron, a notebook, a test) can too.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import urllib.request
@@ -38,7 +39,10 @@ from backorder.config import Settings
 from backorder.data import check_inputs, load_rows
 from backorder.errors import BackorderError, InputFileError, OutputError
 from backorder.io import copy_atomic, write_json_atomic, write_text_atomic
+from backorder.logs import batch_logged, log_context
 from backorder.predict import new_batch_id, predict_file
+
+log = logging.getLogger("backorder.pipelines")
 
 LABELLED, UNSCORED, PREDICTIONS, REJECTS, REPORTS, MANIFEST, METRICS = (
     "labelled",
@@ -168,14 +172,17 @@ def batch_uri(root: str, batch_id: str, kind: str = UNSCORED) -> str:
     return uri
 
 
+@batch_logged
 def validate_batch(root: str, batch_id: str, settings: Settings, kind: str = UNSCORED) -> str:
     """Fail fast on whole-file problems; return the batch's URI. The first step of a batch:
     the later steps (drift, scoring) only look the batch up."""
     uri = batch_uri(root, batch_id, kind)
     check_inputs([uri], require_label=kind == LABELLED, block_bytes=settings.read_block_bytes)
+    log.info("batch is valid", extra={"input": uri, "kind": kind})
     return uri
 
 
+@batch_logged
 def check_drift(
     root: str, batch_id: str, settings: Settings, kind: str = UNSCORED, model: str = "champion"
 ) -> dict[str, Any]:
@@ -241,6 +248,16 @@ def check_drift(
         "report": str(report),
         "blocked": bool(result.drifted) and kind in blocks,
     }
+    log.log(
+        logging.WARNING if result.drifted else logging.INFO,
+        "drift checked",
+        extra={
+            "model_version": loaded.version,
+            "drifted": result.drifted,
+            "max_psi": outcome["max_psi"],
+            "report": str(report),
+        },
+    )
     if outcome["blocked"]:
         job = SCORING if kind == UNSCORED else TRAINING
         landing.record(
@@ -255,6 +272,7 @@ def check_drift(
     return outcome
 
 
+@batch_logged
 def score_batch(
     root: str, batch_id: str, settings: Settings, model: str = "champion"
 ) -> dict[str, Any]:
@@ -275,6 +293,7 @@ def score_batch(
         rejects=landing.uri(REJECTS, f"{batch_id}.parquet"),
         batch_id=batch_id,
     )
+    log.info("batch scored", extra={"model_version": loaded.version, **summary.counts()})
     return {
         "batch_id": batch_id,
         "input": uri,
@@ -297,6 +316,10 @@ def record_scoring(
         {"status": "scored", "at": _now(), **scored, "drift": drift},
     )
     publish_metrics(landing, "batch_prediction", _batch_metrics(scored), settings)
+    log.info(
+        "batch recorded",
+        extra={"batch_id": scored["batch_id"], "model_version": scored["model_version"]},
+    )
     return uri
 
 
@@ -377,6 +400,10 @@ def train_on_landing(root: str, settings: Settings, new_batches: list[str]) -> d
         path = local_reports / name
         write_text_atomic(f"{reports}/{name}", path.read_text(encoding="utf-8"))
     holdout = outcome.holdout or {}
+    log.info(
+        "challenger registered",
+        extra={"model_version": outcome.version, "run": run, "reason": outcome.decision.reason},
+    )
     return {
         "run": run,
         "version": outcome.version,
@@ -398,6 +425,10 @@ def promote_or_keep(settings: Settings, trained: dict[str, Any]) -> dict[str, An
     registry = Registry(settings)
     if trained["should_promote"]:
         registry.promote(trained["version"])
+    log.info(
+        "champion promoted" if trained["should_promote"] else "champion kept",
+        extra={"model_version": trained["version"], "champion": registry.champion_version()},
+    )
     return trained | {
         "promoted": bool(trained["should_promote"]),
         "champion": registry.champion_version(),
@@ -471,19 +502,20 @@ def score_pending(root: str, settings: Settings, say: Any = print) -> list[dict[
     """
     done, failed = [], []
     for batch in pending_scoring(root):
-        try:
-            validate_batch(root, batch, settings)
-            drift = check_drift(root, batch, settings)
-            scored = score_batch(root, batch, settings)
-            record_scoring(root, scored, settings, drift)
-        except BackorderError as exc:
-            say(f"batch {batch}: {exc}")
-            failed.append(batch)
-            continue
-        say(
-            f"batch {batch}: scored {scored['scored']:,}, rejected {scored['rejected']:,}, "
-            f"flagged {scored['flagged']:,} -> {scored['predictions']}"
-        )
+        with log_context(batch_id=batch):
+            try:
+                validate_batch(root, batch, settings)
+                drift = check_drift(root, batch, settings)
+                scored = score_batch(root, batch, settings)
+                record_scoring(root, scored, settings, drift)
+            except BackorderError as exc:
+                say(f"batch {batch}: {exc}")
+                failed.append(batch)
+                continue
+            say(
+                f"batch {batch}: scored {scored['scored']:,}, rejected {scored['rejected']:,}, "
+                f"flagged {scored['flagged']:,} -> {scored['predictions']}"
+            )
         done.append(scored)
     if failed:
         raise BackorderError(f"{len(failed)} batch(es) failed: {', '.join(failed)}")

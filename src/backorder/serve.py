@@ -12,17 +12,15 @@ import html
 import io
 import json
 import logging
-import logging.config
 import sys
 import tempfile
 import threading
 import time
-import traceback
 import uuid
 import warnings
 import zipfile
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -58,6 +56,7 @@ from backorder.config import Settings
 from backorder.contract import COLUMNS, FEATURE_COLUMNS, SKU
 from backorder.errors import BackorderError
 from backorder.explain import PLANNER_LABELS
+from backorder.logs import configure_json, json_log_config, log_context
 from backorder.model import classifier_of
 from backorder.predict import predict_file, score_with_reasons
 from backorder.registry import LoadedModel, Registry
@@ -92,41 +91,6 @@ FORM_DEFAULTS: dict[str, Any] = {
     "stop_auto_buy": "Yes",
     "rev_stop": "No",
 }
-
-
-# -- logging -------------------------------------------------------------------------------------
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and any ``extra`` fields."""
-
-    # uvicorn adds "color_message", the same text with terminal colour codes: not for a log file.
-    RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
-
-    def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        doc.update({k: v for k, v in vars(record).items() if k not in self.RESERVED})
-        if record.exc_info:
-            doc["exception"] = "".join(traceback.format_exception(*record.exc_info))
-        return json.dumps(doc, default=str)
-
-
-def json_log_config(level: str = "INFO") -> dict[str, Any]:
-    """logging.dictConfig for the app and uvicorn: JSON lines on stderr."""
-    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
-    return {
-        "version": 1,
-        "disable_existing_loggers": False,
-        "formatters": {"json": {"()": JsonFormatter}},
-        "handlers": {"stderr": handler},
-        "loggers": {
-            "backorder": {"handlers": ["stderr"], "level": level, "propagate": False},
-            "uvicorn.error": {"handlers": ["stderr"], "level": level, "propagate": False},
-        },
-    }
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -308,9 +272,10 @@ async def _send_413(send: Send, limit: int) -> None:
 class Observe:
     """Request id, one JSON log line, and request count and latency per route and status."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, holder: ModelHolder) -> None:
         self.app = app
         self.metrics = metrics
+        self.holder = holder
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -319,6 +284,12 @@ class Observe:
         given = dict(scope.get("headers") or []).get(b"x-request-id", b"")
         request_id = given.decode("latin-1")[:100] or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        serving = self.holder.current
+        # Every line logged while handling this request carries its id and the model version.
+        with log_context(request_id=request_id, model_version=serving and serving.version):
+            await self._observe(scope, receive, send, request_id)
+
+    async def _observe(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
         status = 500
         started_response = False
         started = time.perf_counter()
@@ -337,7 +308,7 @@ class Observe:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:
-            log.exception("unhandled error", extra={"request_id": request_id})
+            log.exception("unhandled error")
             if not started_response:
                 await JSONResponse(
                     {"detail": "internal error", "request_id": request_id},
@@ -352,7 +323,6 @@ class Observe:
         log.info(
             "request",
             extra={
-                "request_id": request_id,
                 "method": scope["method"],
                 "path": scope["path"],
                 "route": route,
@@ -383,7 +353,7 @@ def create_app(settings: Settings, model_ref: str = "champion") -> FastAPI:
     app.add_middleware(BodyLimit)
     # Outermost, so refusals are counted and logged too. Plain ASGI: Starlette's
     # BaseHTTPMiddleware costs about a millisecond a request.
-    app.add_middleware(Observe, metrics=metrics)
+    app.add_middleware(Observe, metrics=metrics, holder=holder)
     app.state.holder = holder
     app.state.metrics = metrics
     templates = Jinja2Templates(directory=str(TEMPLATES))
@@ -597,7 +567,7 @@ def _previous(form: Any, values: dict[str, str]) -> dict[str, Any] | None:
 def serve(settings: Settings, host: str, port: int, model_ref: str) -> None:
     import uvicorn
 
-    logging.config.dictConfig(json_log_config())
+    configure_json()
     app = create_app(settings, model_ref)
     uvicorn.run(app, host=host, port=port, log_config=json_log_config(), access_log=False)
 
