@@ -196,6 +196,18 @@ def job_train(path: Path, out: Path, home: Path, **_: Any) -> int:
     return outcome.data.n_read
 
 
+def job_train_dask(path: Path, out: Path, home: Path, workers: int, **_: Any) -> int:
+    from backorder.config import load_settings
+    from backorder.scale import train_partitioned
+
+    settings = load_settings(None, home=home)
+    parts = path.with_suffix("")  # the same rows as 250 k-row partitions
+    outcome = train_partitioned(
+        str(parts), settings, out, workers=workers, say=lambda m: print(m, file=sys.stderr)
+    )
+    return outcome.data.n_read
+
+
 JOBS = {
     "floor": job_floor,
     "model": job_model,
@@ -203,6 +215,7 @@ JOBS = {
     "backorder": job_backorder,
     "dask": job_dask,
     "train": job_train,
+    "train_dask": job_train_dask,
 }
 
 
@@ -307,20 +320,26 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 2_000_000, 10_000_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1_000_000, 2_000_000, 10_000_000])
     parser.add_argument("--formats", nargs="+", default=["parquet", "csv"])
     parser.add_argument(
         "--jobs",
-        nargs="+",
+        nargs="*",
         default=["floor", "seed_rf", "lightgbm", "compiled", "backorder", "dask1", "dask2"],
     )
     parser.add_argument(
         "--train-rows",
         type=int,
         default=0,
-        help="also time `backorder train` on this many up-sampled labelled rows (default 0: "
-        "skipped; repeated rows fall on both sides of every CV fold, so early stopping never "
-        "stops and the run measures a degenerate case)",
+        help="also time training on this many up-sampled labelled rows (default 0: skipped)",
+    )
+    parser.add_argument(
+        "--train-engines",
+        nargs="+",
+        default=["dask"],
+        choices=["dask", "local"],
+        help="dask: `train --engine dask`, 2 workers (default); local: `backorder train`, whose "
+        "5-fold CV never stops early on up-sampled rows (copies fall on both sides of a fold)",
     )
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "bench-scoring")
     parser.add_argument("--home", type=Path, default=None, help="registry with a champion")
@@ -332,6 +351,17 @@ def main() -> int:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     home = args.home or work / "home"
+    results: list[dict[str, Any]] = []
+    if args.sizes and args.jobs:
+        results += bench_scoring(args, work, home)
+    if args.train_rows:
+        results += bench_training(args.train_rows, args.train_engines, work)
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+    summarise(results, work)
+    return 0
+
+
+def bench_scoring(args: argparse.Namespace, work: Path, home: Path) -> list[dict[str, Any]]:
     ensure_model(home)
     rf_model = work / "seed_rf.joblib"
     ensure_seed_rf(rf_model)
@@ -373,30 +403,45 @@ def main() -> int:
                     ),
                     flush=True,
                 )
-    if args.train_rows:
-        train_input = work / "data" / f"labelled_{args.train_rows}.parquet"
-        if not train_input.exists():
-            base = real_rows()
-            rng = np.random.default_rng(1)
-            base.iloc[rng.integers(0, len(base), args.train_rows)].to_parquet(
-                train_input, index=False
-            )
+    return results
+
+
+def bench_training(n: int, engines: list[str], work: Path) -> list[dict[str, Any]]:
+    """Train on ``n`` up-sampled labelled rows, each engine from a fresh registry."""
+    import shutil
+
+    train_input = work / "data" / f"labelled_{n}.parquet"
+    parts = train_input.with_suffix("")
+    if not train_input.exists():
+        base = real_rows()
+        rows = base.iloc[np.random.default_rng(1).integers(0, len(base), n)]
+        rows.to_parquet(train_input, index=False)
+        parts.mkdir(exist_ok=True)
+        for i, start in enumerate(range(0, n, PARTITION_ROWS)):
+            rows.iloc[start : start + PARTITION_ROWS].to_parquet(parts / f"part-{i:03d}.parquet")
+    results = []
+    for engine in engines:
+        train_home = work / f"train-home-{engine}"
+        shutil.rmtree(train_home, ignore_errors=True)
+        job = "train_dask" if engine == "dask" else "train"
         measured = run_job(
-            "train", path=train_input, out=work / "train-run", home=work / "train-home"
+            job, path=train_input, out=work / f"train-run-{engine}", home=train_home, workers=2
         )
-        results.append({"rows": args.train_rows, "format": "parquet", "job": "train", **measured})
+        results.append({"rows": n, "format": "parquet", "job": job, **measured})
         print(
-            f"training on {args.train_rows:,} up-sampled rows: {measured['seconds']:.1f} s, "
-            f"peak {measured['rss_mib']:.0f} MiB"
+            f"training ({engine}) on {n:,} up-sampled rows: {measured['seconds']:.1f} s, "
+            f"peak {measured['rss_mib']:.0f} MiB (largest worker {measured['child_rss_mib']:.0f}"
+            " MiB)",
+            flush=True,
         )
-    (work / "results.json").write_text(json.dumps(results, indent=2))
-    summarise(results, work)
-    return 0
+    return results
 
 
 def summarise(results: list[dict[str, Any]], work: Path) -> None:
     frame = pd.DataFrame(results)
-    scoring = frame[frame["job"] != "train"]
+    scoring = frame[~frame["job"].str.startswith("train")]
+    if scoring.empty:
+        return
     floor = scoring[scoring["job"] == "floor"].set_index(["rows", "format"])["seconds"]
     print("\nrows, format, job: seconds, rows/s, x floor, peak MiB")
     for row in scoring.itertuples():

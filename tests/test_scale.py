@@ -10,11 +10,14 @@ import pandas as pd
 import pytest
 
 from backorder.config import Settings
+from backorder.data import load_labelled
 from backorder.errors import BackorderError
+from backorder.model import backorder_probability, classifier_of
 from backorder.predict import predict_file
 from backorder.registry import Registry
-from backorder.scale import predict_partitioned
-from tests.conftest import SAMPLE, run_cli
+from backorder.scale import predict_partitioned, train_partitioned
+from backorder.train import holdout_mask
+from tests.conftest import SAMPLE, make_settings, run_cli
 
 pytest.importorskip("dask.distributed")
 
@@ -88,3 +91,53 @@ def test_dask_cli_and_a_folder_with_nothing_to_score(
     (tmp_path / "empty").mkdir()
     with pytest.raises(BackorderError, match="no Parquet or CSV files"):
         predict_partitioned(str(tmp_path / "empty"), str(tmp_path / "o"), trained_settings)
+
+
+def test_dask_training_registers_a_calibrated_model_with_the_local_holdout(
+    tmp_path: Path,
+) -> None:
+    frame = pd.read_csv(SAMPLE / "labelled.csv.gz", dtype=str, keep_default_na=False)
+    folder = tmp_path / "labelled"
+    folder.mkdir()
+    for i in range(3):
+        frame.iloc[i::4].to_parquet(folder / f"part-{i}.parquet", index=False)
+    last = frame.iloc[3::4].copy()
+    last.loc[last.index[:2], "lead_time"] = "soon"  # two rows to quarantine
+    last.to_csv(folder / "part-3.csv", index=False)
+    settings = make_settings(tmp_path / "home")
+
+    outcome = train_partitioned(str(folder), settings, tmp_path / "run", workers=2)
+
+    assert sum(s.read for s in outcome.data.sources) == len(frame)
+    assert sum(s.rejected for s in outcome.data.sources) == 2
+    assert len(pd.read_csv(outcome.rejects_file)) == 2
+    # The same rows are held out for promotion as `backorder train` holds out on this data.
+    local = load_labelled([SAMPLE / "labelled.csv.gz"], settings.read_block_bytes).rows
+    expected_holdout = holdout_mask(local, settings.holdout_fraction)
+    assert outcome.holdout is not None
+    assert abs(outcome.holdout["n_rows"] - int(expected_holdout.sum())) <= 2
+    # It learned and is calibrated: holdout ranking far above chance, mean probability near
+    # the rate of backorders in the rows it scores.
+    base_rate = float((frame["went_on_backorder"] == "Yes").mean())
+    assert outcome.holdout["average_precision"] > 5 * base_rate
+    assert outcome.promoted and outcome.version == "1"
+    loaded = Registry(settings).load("champion", with_reference=True)
+    assert loaded.reference is not None
+    p = backorder_probability(loaded.pipeline, local)
+    assert 0.5 * base_rate < p.mean() < 2 * base_rate
+    metrics = json.loads(outcome.metrics_file.read_text())
+    assert metrics["model"]["trees"] == classifier_of(loaded.pipeline).n_trees_
+
+
+def test_cli_train_dask_needs_one_partitioned_folder(tmp_path: Path) -> None:
+    result = run_cli(
+        "train",
+        "--engine",
+        "dask",
+        "--data",
+        str(tmp_path / "a"),
+        "--data",
+        str(tmp_path / "b"),
+        home=tmp_path / "home",
+    )
+    assert result.returncode == 2 and "one --data folder" in result.stderr

@@ -43,6 +43,15 @@ ConfigOption = Annotated[
 ModelOption = Annotated[
     str, typer.Option("--model", help="Model alias (champion, challenger) or version number.")
 ]
+SchedulerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--scheduler", help="Dask scheduler address (default: a LocalCluster on 127.0.0.1)."
+    ),
+]
+WorkersOption = Annotated[
+    int, typer.Option("--workers", help="LocalCluster worker processes (--engine dask).")
+]
 BaseRateOption = Annotated[
     float | None,
     typer.Option(
@@ -182,15 +191,36 @@ def train(
     output: Annotated[
         Path | None, typer.Option("--output", help="Folder for report, metrics and rejects.")
     ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine",
+            help="'local' (one process) or 'dask': --data is then one folder or prefix of "
+            "Parquet/CSV partitions, trained on with lightgbm.dask across the cluster.",
+        ),
+    ] = "local",
+    scheduler: SchedulerOption = None,
+    workers: WorkersOption = 2,
     config: ConfigOption = None,
 ) -> None:
     """Train on labelled history, register the model, and promote it if it beats the champion."""
     from backorder.train import run_training
 
     settings = _settings(config)
-    sources = _guard(lambda: _with_tables(data, data_table or []))
-    with _reading_progress() as on_chunk:
-        outcome = _guard(lambda: run_training(sources, settings, output, _say, on_chunk))
+    if engine == "dask":
+        from backorder.scale import train_partitioned
+
+        if len(data) != 1 or data_table:
+            _fail("--engine dask: give one --data folder or prefix of partitions", 2)
+        outcome = _guard(
+            lambda: train_partitioned(data[0], settings, output, scheduler, workers, _say)
+        )
+    elif engine == "local":
+        sources = _guard(lambda: _with_tables(data, data_table or []))
+        with _reading_progress() as on_chunk:
+            outcome = _guard(lambda: run_training(sources, settings, output, _say, on_chunk))
+    else:
+        _fail(f"--engine {engine}: expected local or dask", 2)
     v = outcome.validation
     out.print(
         f"model v{outcome.version} ({'champion' if outcome.promoted else 'challenger'}): "
@@ -280,15 +310,8 @@ def predict(
             "prefix of Parquet/CSV partitions, scored in parallel.",
         ),
     ] = "local",
-    scheduler: Annotated[
-        str | None,
-        typer.Option(
-            "--scheduler", help="Dask scheduler address (default: a LocalCluster on 127.0.0.1)."
-        ),
-    ] = None,
-    workers: Annotated[
-        int, typer.Option("--workers", help="LocalCluster worker processes (--engine dask).")
-    ] = 2,
+    scheduler: SchedulerOption = None,
+    workers: WorkersOption = 2,
     model: ModelOption = "champion",
     base_rate: BaseRateOption = None,
     config: ConfigOption = None,

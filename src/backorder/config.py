@@ -148,6 +148,18 @@ class Settings(BaseSettings):
         0.0, ge=0, description="ROC AUC the challenger may lose against the champion."
     )
 
+    dask_sample_rows: int = Field(
+        200_000,
+        ge=1_000,
+        description="train --engine dask: rows gathered to choose the number of trees.",
+    )
+    dask_calibration_fraction: float = Field(
+        0.1,
+        gt=0,
+        lt=0.5,
+        description="train --engine dask: hash slice kept from the booster to calibrate on.",
+    )
+
     drift_psi_threshold: float = Field(
         0.2, gt=0, description="PSI at which a feature counts as drifted (0.1 moderate, 0.2 large)."
     )

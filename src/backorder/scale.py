@@ -15,7 +15,9 @@ registry (``tracking_uri``) and storage (S3 or a shared file system) as the driv
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +95,33 @@ def score_partition(
     }
 
 
+@contextmanager
+def dask_client(scheduler: str | None, workers: int) -> Iterator[Any]:
+    """A client of the cluster at ``scheduler``, or of a LocalCluster on 127.0.0.1 (one
+    single-threaded worker process per core asked for, dashboard off) stopped afterwards."""
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        raise BackorderError(
+            "--engine dask needs Dask: pip install 'backorder[dask]' (dask[distributed])"
+        ) from None
+    if scheduler:
+        with Client(scheduler, timeout="30s") as client:
+            yield client
+        return
+    with (
+        LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
 def predict_partitioned(
     input_uri: str,
     output_uri: str,
@@ -104,12 +133,6 @@ def predict_partitioned(
     say: Callable[[str], None] = lambda _m: None,
 ) -> dict[str, Any]:
     """Score every partition in parallel on Dask; return the reconciled totals."""
-    try:
-        from dask.distributed import Client, LocalCluster, as_completed
-    except ImportError:
-        raise BackorderError(
-            "--engine dask needs Dask: pip install 'backorder[dask]' (dask[distributed])"
-        ) from None
     from backorder.predict import new_batch_id
     from backorder.registry import Registry
 
@@ -122,21 +145,11 @@ def predict_partitioned(
     loaded = registry.load(version, compiled=settings.compiled_trees, say=say)
     say(f"scoring {len(files)} partition(s) with model v{loaded.version} on Dask")
     settings_json = settings.model_dump_json()
-    cluster = None
-    if scheduler:
-        client = Client(scheduler, timeout="30s")
-    else:
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-        )
-        client = Client(cluster)
     results: list[dict[str, Any]] = []
     failures: list[str] = []
-    try:
+    with dask_client(scheduler, workers) as client:
+        from dask.distributed import as_completed
+
         futures = [
             client.submit(
                 score_partition,
@@ -161,10 +174,6 @@ def predict_partitioned(
                 f"{result['partition']}: scored {result['scored']:,}, "
                 f"rejected {result['rejected']:,} in {result['seconds']:.1f} s"
             )
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
     if failures:
         raise BackorderError(
             f"{len(failures)} of {len(files)} partition(s) failed; first: {failures[0]}"
@@ -183,3 +192,209 @@ def predict_partitioned(
     # The marker comes last: its presence means every partition above is complete.
     write_json_atomic(f"{output_uri.rstrip('/')}/_SUCCESS.json", summary)
     return summary
+
+
+# -- training -----------------------------------------------------------------------------------
+TRAIN, CALIBRATION, HOLDOUT = "train", "calibration", "holdout"
+
+
+def prepare_partition(partition: str, settings_json: str, sample_rows: int) -> dict[str, Any]:
+    """One task: validate a labelled file and split its rows by the hash of their features.
+
+    The promotion holdout is the same hash slice ``backorder train`` holds out; the next slice
+    calibrates. Both go to the driver; the training rows stay on the worker as features.
+    """
+    import numpy as np
+
+    from backorder.contract import LABEL
+    from backorder.data import feature_hash, load_labelled
+    from backorder.features import InventoryFeatures
+    from backorder.train import HASH_BUCKETS
+
+    settings = Settings.model_validate_json(settings_json)
+    data = load_labelled([partition], settings.read_block_bytes)
+    rows = data.rows.reset_index(drop=True)
+    bucket = feature_hash(rows) % HASH_BUCKETS
+    holdout_end = round(settings.holdout_fraction * HASH_BUCKETS)
+    calibration_end = holdout_end + round(settings.dask_calibration_fraction * HASH_BUCKETS)
+    role = np.where(
+        bucket < holdout_end, HOLDOUT, np.where(bucket < calibration_end, CALIBRATION, TRAIN)
+    )
+    train_rows = rows[role == TRAIN]
+    features = InventoryFeatures().fit(train_rows).transform(train_rows)
+    features[LABEL] = train_rows[LABEL].astype("int64").to_numpy()
+    return {
+        "partition": partition,
+        "source": data.sources[0],
+        "rejects": data.rejects,
+        "warnings": dict(data.warnings),
+        "row_hashes": feature_hash(rows),
+        TRAIN: features.reset_index(drop=True),
+        "sample": train_rows.sample(n=min(len(train_rows), sample_rows), random_state=0),
+        CALIBRATION: rows[role == CALIBRATION],
+        HOLDOUT: rows[role == HOLDOUT],
+    }
+
+
+def train_partitioned(
+    input_uri: str,
+    settings: Settings,
+    output_dir: Path | None = None,
+    scheduler: str | None = None,
+    workers: int = 2,
+    say: Callable[[str], None] = lambda _m: None,
+    apply_promotion: bool = True,
+) -> Any:
+    """Train on a partitioned labelled dataset with ``lightgbm.dask``; register like ``train``.
+
+    - Each partition is validated on a worker and split by feature hash: promotion holdout,
+      calibration slice, training rows. Only the two slices and a sample come to the driver.
+    - The number of trees is chosen by early stopping on the sample (``dask_sample_rows``).
+    - ``DaskLGBMClassifier`` fits that many trees on every training row, across the workers.
+    - Platt calibration and the cost-minimising threshold are fitted on the calibration
+      slice, which the booster never saw; the holdout then decides promotion, as in ``train``.
+    """
+    import hashlib
+    from collections import Counter
+    from datetime import UTC, datetime
+
+    import numpy as np
+    import pandas as pd
+    from sklearn.linear_model import LogisticRegression
+
+    from backorder.contract import FEATURE_COLUMNS, LABEL
+    from backorder.data import LabelledData
+    from backorder.model import build_pipeline, classifier_of, cost_minimising_threshold
+    from backorder.train import Fitted, register_trained
+
+    started = datetime.now(UTC)
+    output_dir = output_dir or settings.home / "runs" / f"train-{started:%Y%m%dT%H%M%SZ}"
+    files = partitions(input_uri)
+    settings_json = settings.model_dump_json()
+    per_partition = max(1, -(-settings.dask_sample_rows // len(files)))
+    say(f"training on {len(files)} partition(s) with lightgbm.dask")
+    with dask_client(scheduler, workers) as client:
+        import dask.dataframe as dd
+        from lightgbm.dask import DaskLGBMClassifier
+
+        prepared = client.map(
+            prepare_partition,
+            files,
+            settings_json=settings_json,
+            sample_rows=per_partition,
+            pure=False,
+        )
+        small = client.gather(
+            [
+                client.submit(
+                    lambda p: {k: v for k, v in p.items() if k != TRAIN}, part, pure=False
+                )
+                for part in prepared
+            ]
+        )
+        for part in small:
+            src = part["source"]
+            say(
+                f"{src.uri}: read {src.read:,}, accepted {src.accepted:,}, "
+                f"rejected {src.rejected:,}"
+            )
+        sample = pd.concat([p["sample"] for p in small], ignore_index=True)
+        calibration = pd.concat([p[CALIBRATION] for p in small], ignore_index=True)
+        holdout = pd.concat([p[HOLDOUT] for p in small], ignore_index=True)
+        train_parts = [client.submit(lambda p: p[TRAIN], part, pure=False) for part in prepared]
+        train = dd.from_delayed(train_parts, verify_meta=False)
+        n_train = int(sum(p["source"].accepted for p in small)) - len(calibration) - len(holdout)
+        positives = int(train[LABEL].sum().compute())
+        if sample[LABEL].sum() < 2 or calibration[LABEL].sum() < 2:
+            raise BackorderError(
+                f"{input_uri}: too few backorders to train on "
+                f"({int(sample[LABEL].sum())} in the sample, "
+                f"{int(calibration[LABEL].sum())} in the calibration slice)"
+            )
+
+        fit_started = time.perf_counter()
+        pipeline = build_pipeline(settings, progress=say)
+        features, clf = pipeline.steps[0][1], classifier_of(pipeline)
+        features.fit(sample)
+        x_sample = features.transform(sample)
+        y_sample = sample[LABEL].to_numpy(dtype=np.int64)
+        probe = clf._fit_booster(x_sample, y_sample, np.arange(len(sample)), settings.random_seed)
+        n_trees = max(1, int(probe.best_iteration or probe.current_iteration()))
+        say(f"early stopping on a {len(sample):,}-row sample: {n_trees} trees")
+
+        params = {k: v for k, v in clf._lgb_params().items() if k != "num_threads"}
+        say(f"fitting {n_trees} trees on {n_train:,} rows across the cluster")
+        distributed = DaskLGBMClassifier(client=client, n_estimators=n_trees, **params)
+        with warnings.catch_warnings():
+            # lightgbm.dask sets threads per worker itself and says so about n_jobs; expected.
+            warnings.filterwarnings("ignore", message="Parameter n_jobs will be ignored")
+            distributed.fit(train[list(features.feature_names_out_)], train[LABEL])
+        booster = distributed.to_local().booster_
+
+    # Calibrate on rows the booster never saw, as the local engine does on out-of-fold rows.
+    y_cal = calibration[LABEL].to_numpy(dtype=np.int64)
+    raw = np.asarray(booster.predict(features.transform(calibration), raw_score=True))
+    platt = LogisticRegression(C=1e6, max_iter=1000).fit(raw.reshape(-1, 1), y_cal)
+    clf.classes_ = np.array([0, 1])
+    clf.feature_names_in_ = np.asarray(features.feature_names_out_, dtype=object)
+    clf.booster_ = booster
+    clf.calibration_slope_ = float(platt.coef_[0, 0])
+    clf.calibration_intercept_ = float(platt.intercept_[0])
+    clf.training_base_rate_ = positives / n_train
+    clf.base_rate_shift_ = 0.0
+    clf.oof_probability_ = clf.probability_from_raw(raw)
+    clf.decision_threshold_, _ = cost_minimising_threshold(
+        y_cal, clf.oof_probability_, settings.cost_missed_backorder, settings.cost_false_alarm
+    )
+    clf.best_iterations_ = [n_trees]
+    clf.n_trees_ = n_trees
+    fit_seconds = time.perf_counter() - fit_started
+    clf.fit_seconds_ = fit_seconds
+    say(f"fitted in {fit_seconds:.1f} s; threshold {clf.decision_threshold_:.4f}")
+
+    sources = [p["source"] for p in small]
+    rejects = [p["rejects"] for p in small if len(p["rejects"])]
+    row_warnings: Counter[str] = Counter()
+    for p in small:
+        row_warnings.update(p["warnings"])
+    data = LabelledData(
+        rows=sample,
+        rejects=pd.concat(rejects, ignore_index=True) if rejects else small[0]["rejects"],
+        sources=sources,
+        warnings=row_warnings,
+    )
+    digest = hashlib.sha256()
+    for p in small:
+        digest.update(np.asarray(p["row_hashes"]).tobytes())
+    fingerprint = {
+        "rows": int(sum(s.accepted for s in sources)),
+        "positives": positives + int(y_cal.sum()) + int(holdout[LABEL].sum()),
+        "sha256": digest.hexdigest(),  # of each partition's feature hashes, in order
+    }
+    return register_trained(
+        Fitted(
+            pipeline,
+            fit_seconds,
+            calibration[[*FEATURE_COLUMNS, LABEL]],
+            y_cal,
+            clf.oof_probability_,
+            validation_title="Validation (calibration slice, never trained on)",
+            validation_note=(
+                "The booster did not see these rows; calibration and threshold were fitted on "
+                "them, so threshold-dependent figures here are slightly optimistic."
+            ),
+            training_rows=n_train,
+            training_positives=positives,
+            params={"engine": "dask", "partitions": len(files), "sample_rows": len(sample)},
+        ),
+        holdout,
+        holdout[LABEL].to_numpy(dtype=np.int64),
+        data,
+        fingerprint,
+        settings,
+        files,
+        started,
+        output_dir,
+        say,
+        apply_promotion,
+    )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -170,10 +170,58 @@ def run_training(
     pipeline.fit(train_rows, y_train)
     fit_seconds = time.perf_counter() - fit_started
     clf = classifier_of(pipeline)
-    threshold = clf.decision_threshold_
-    say(f"fitted in {fit_seconds:.1f} s; threshold {threshold:.4f}")
+    say(f"fitted in {fit_seconds:.1f} s; threshold {clf.decision_threshold_:.4f}")
+    return register_trained(
+        Fitted(pipeline, fit_seconds, train_rows, y_train, clf.oof_probability_),
+        holdout_rows,
+        y_holdout,
+        data,
+        data.fingerprint(),
+        settings,
+        uris,
+        started,
+        output_dir,
+        say,
+        apply_promotion,
+    )
 
-    validation = _evaluate(train_rows, y_train, clf.oof_probability_, threshold, settings)
+
+@dataclass
+class Fitted:
+    """A fitted pipeline and the rows its validation probabilities belong to."""
+
+    pipeline: Any
+    fit_seconds: float
+    validation_rows: pd.DataFrame  # also the report's rows and the drift reference's source
+    validation_y: np.ndarray
+    validation_probability: np.ndarray  # from models that did not train on those rows
+    validation_title: str = "Validation (out-of-fold, training rows)"
+    validation_note: str = "Each probability comes from a model that did not see the row."
+    training_rows: int | None = None  # rows the final booster saw (default: validation rows)
+    training_positives: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def register_trained(
+    fitted: Fitted,
+    holdout_rows: pd.DataFrame,
+    y_holdout: np.ndarray,
+    data: LabelledData,
+    fingerprint: dict[str, Any],
+    settings: Settings,
+    uris: Sequence[str | Path],
+    started: datetime,
+    output_dir: Path,
+    say: Say = lambda _msg: None,
+    apply_promotion: bool = True,
+) -> TrainingOutcome:
+    """Evaluate a fitted pipeline, compare it with the champion on the holdout, log it to
+    MLflow, register it as challenger and write its report: whichever engine fitted it."""
+    pipeline, fit_seconds = fitted.pipeline, fitted.fit_seconds
+    train_rows, y_train = fitted.validation_rows, fitted.validation_y
+    clf = classifier_of(pipeline)
+    threshold = clf.decision_threshold_
+    validation = _evaluate(train_rows, y_train, fitted.validation_probability, threshold, settings)
     holdout_eval: Evaluation | None = None
     champion_holdout: dict[str, Any] | None = None
     registry = Registry(settings)
@@ -200,12 +248,11 @@ def run_training(
         holdout_eval.metrics if holdout_eval else {}, champion_holdout, settings, champion_version
     )
 
-    fingerprint = data.fingerprint()
     metadata = {
         "trained_at": started.isoformat(timespec="seconds"),
         "package_version": __version__,
-        "training_rows": len(train_rows),
-        "training_positives": int(y_train.sum()),
+        "training_rows": fitted.training_rows or len(train_rows),
+        "training_positives": fitted.training_positives or int(y_train.sum()),
         "data_fingerprint": fingerprint,
         "threshold": threshold,
         "feature_names": list(clf.feature_names_in_),
@@ -250,6 +297,7 @@ def run_training(
         "random_seed": settings.random_seed,
         "trees": clf.n_trees_,
         "inputs": ",".join(redact(str(u)) for u in uris),
+        **fitted.params,
     }
     mlflow_metrics = {f"validation_{k}": v for k, v in flat_metrics(validation.metrics).items()}
     if holdout_eval:
@@ -277,8 +325,7 @@ def run_training(
         holdout_eval,
         champion_holdout,
         decision,
-        train_rows,
-        pipeline,
+        fitted,
     )
     write_text_atomic(report, html)
     registry.client.log_artifact(run_id, str(report))
@@ -336,16 +383,16 @@ def _training_report(
     holdout: Evaluation | None,
     champion: dict[str, Any] | None,
     decision: PromotionDecision,
-    train_rows: pd.DataFrame,
-    pipeline: Any,
+    fitted: Fitted,
 ) -> str:
+    train_rows, pipeline = fitted.validation_rows, fitted.pipeline
     sources = pd.DataFrame([asdict(s) for s in data.sources])
     body = "<h2>Inputs</h2>" + table(sources)
     if data.warnings:
         body += table(pd.DataFrame(sorted(data.warnings.items()), columns=["warning", "rows"]))
     body += (
-        "<h2>Validation (out-of-fold, training rows)</h2>"
-        '<p class="note">Each probability comes from a model that did not see the row.</p>'
+        f"<h2>{fitted.validation_title}</h2>"
+        f'<p class="note">{fitted.validation_note}</p>'
         + evaluation_sections(validation, train_rows, pipeline)
     )
     body += "<h2>Promotion</h2>" + f"<p>{decision.reason}</p>"
@@ -366,7 +413,7 @@ def _training_report(
         )
     intro = [
         ("model version", version),
-        ("trained rows", f"{len(train_rows):,}"),
+        ("trained rows", f"{fitted.training_rows or len(train_rows):,}"),
         ("data fingerprint", f"{fingerprint['rows']:,} rows, sha256 {fingerprint['sha256'][:16]}…"),
         ("trees", clf.n_trees_),
         ("cross-validation best iterations", ", ".join(map(str, clf.best_iterations_))),
