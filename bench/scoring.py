@@ -416,9 +416,12 @@ def bench_training(n: int, engines: list[str], work: Path) -> list[dict[str, Any
         base = real_rows()
         rows = base.iloc[np.random.default_rng(1).integers(0, len(base), n)]
         rows.to_parquet(train_input, index=False)
-        parts.mkdir(exist_ok=True)
+    if not parts.exists():
+        rows = pd.read_parquet(train_input)
+        parts.mkdir()
         for i, start in enumerate(range(0, n, PARTITION_ROWS)):
-            rows.iloc[start : start + PARTITION_ROWS].to_parquet(parts / f"part-{i:03d}.parquet")
+            part = rows.iloc[start : start + PARTITION_ROWS]
+            part.to_parquet(parts / f"part-{i:03d}.parquet", index=False)
     results = []
     for engine in engines:
         train_home = work / f"train-home-{engine}"
