@@ -151,7 +151,8 @@ def test_model_health_and_metrics(client: TestClient) -> None:
     client.post("/v1/predict", json={"records": sample_records(20)})
     client.post("/v1/predict", json={"records": [FORM_DEFAULTS | {"lead_time": -1}]})
     text = client.get("/metrics").text
-    assert 'backorder_model_info{ref="champion",version="1"} 1.0' in text
+    labels = f'ref="champion",scoring_engine="{info["scoring_engine"]}",version="1"'
+    assert f"backorder_model_info{{{labels}}} 1.0" in text
     assert 'backorder_http_requests_total{method="POST",route="/v1/predict",status="200"}' in text
     assert 'status="422"' in text
     assert 'backorder_rejected_inputs_total{source="api"} 1.0' in text

@@ -233,7 +233,8 @@ def check_drift(
     write_json_atomic(f"{folder}/drift.json", summary)
     text = prometheus_text(result, batch_id)
     write_text_atomic(f"{folder}/drift.prom", text)
-    publish_metrics(landing, "drift", text, settings)
+    # Scored and labelled batches push to groups of their own: one must not replace the other.
+    publish_metrics(landing, "drift" if kind == UNSCORED else "drift_labelled", text, settings)
     blocks = {
         "warn": set(),
         "block_training": {LABELLED},

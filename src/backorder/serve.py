@@ -181,7 +181,13 @@ class ModelHolder:
             score_with_reasons(model, warm, self.settings)  # first request pays no lazy set-up
             previous = self.current.version if self.current else None
             self.current = model
-        self.metrics.model.info({"version": model.version, "ref": self.ref})
+        self.metrics.model.info(
+            {
+                "version": model.version,
+                "ref": self.ref,
+                "scoring_engine": classifier_of(model.pipeline).scoring_engine,
+            }
+        )
         self.metrics.model_loaded.set(time.time())
         trained = model.metadata.get("trained_at")
         if trained:
