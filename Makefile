@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO   := out/demo
 export BACKORDER_HOME ?= .backorder
 
-.PHONY: setup demo serve test lint typecheck check bench bench-train bench-quality bench-tune bench-serve bench-scoring screenshot airflow-demo clean
+.PHONY: setup demo serve test lint typecheck check bench bench-train bench-quality bench-tune bench-serve bench-scoring screenshot airflow-demo ops-check clean
 
 setup: $(STAMP)
 
@@ -41,13 +41,26 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check src tests bench scripts dags
-	$(BIN)/ruff format --check src tests bench scripts dags
+	$(BIN)/ruff check src tests bench scripts dags deploy
+	$(BIN)/ruff format --check src tests bench scripts dags deploy
 
 typecheck: setup
 	$(BIN)/mypy src
 
 check: lint typecheck test
+
+# The deployment files, offline: Dockerfile (hadolint), workflows (actionlint, which runs
+# shellcheck on their scripts), Prometheus config, rules and rule tests (promtool), and the
+# Terraform module (fmt, validate, test, checkov: scripts/check_infra.sh). The tests run these
+# too; this target is the quick loop and what .ci/run calls before the tests.
+ops-check: setup
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/actionlint .github/workflows/*.yml
+	shellcheck scripts/*.sh deploy/*/*.sh
+	promtool check config deploy/prometheus/prometheus.yml
+	promtool check rules deploy/prometheus/alerts.yml
+	promtool test rules deploy/prometheus/alerts_test.yml deploy/prometheus/alerts_days_test.yml
+	scripts/check_infra.sh
 
 bench-train: setup
 	$(BIN)/python bench/train_time.py
