@@ -268,3 +268,25 @@ def test_new_champion_is_picked_up_while_requests_are_in_flight(tmp_path: Path) 
     # Responses from 4 threads finish out of order around the swap; well after it, only the
     # new model answers.
     assert set(versions[-20:]) == {second.version}
+
+
+def test_a_fresh_stack_waits_for_the_first_champion(tmp_path: Path) -> None:
+    from backorder.errors import ModelNotFoundError
+    from backorder.train import run_training
+
+    empty = make_settings(tmp_path / "home")
+    with pytest.raises(ModelNotFoundError), TestClient(create_app(empty)):
+        pass  # by default a missing model stops the server at start-up
+    waiting = make_settings(tmp_path / "home", serve_wait_for_model=True, serve_reload_seconds=0.2)
+    with TestClient(create_app(waiting)) as client:
+        assert client.get("/readyz").status_code == 503
+        assert client.post("/v1/predict", json={"records": sample_records(1)}).status_code == 503
+        run_training([SAMPLE / "labelled.csv.gz"], waiting, tmp_path / "training")
+        deadline = time.monotonic() + 60
+        while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert client.get("/readyz").json()["model_version"] == "1"
+        answer = client.post("/v1/predict", json={"records": sample_records(1)})
+        assert answer.status_code == 200
+        # Waiting is not failing: no reload failure was counted.
+        assert "backorder_model_reload_failures_total 0.0" in client.get("/metrics").text

@@ -195,6 +195,13 @@ class Settings(BaseSettings):
         ge=0,
         description="How often `backorder serve` checks for a new champion (0 = never).",
     )
+    serve_wait_for_model: bool = Field(
+        False,
+        description=(
+            "`backorder serve` starts without a model and loads the first one promoted "
+            "(a fresh stack); otherwise a missing model stops it at start-up."
+        ),
+    )
     read_block_bytes: int = Field(
         8 << 20, ge=1 << 16, description="CSV bytes parsed per chunk when streaming."
     )

@@ -54,7 +54,7 @@ from backorder.api_schema import (
 from backorder.compiled import CompiledTreesUnavailable
 from backorder.config import Settings
 from backorder.contract import COLUMNS, FEATURE_COLUMNS, SKU
-from backorder.errors import BackorderError
+from backorder.errors import BackorderError, ModelNotFoundError
 from backorder.explain import PLANNER_LABELS
 from backorder.logs import configure_json, json_log_config, log_context
 from backorder.model import classifier_of
@@ -211,6 +211,11 @@ class ModelHolder:
             while not self._stop.wait(every_seconds):
                 try:
                     self.refresh()
+                except ModelNotFoundError:
+                    if self.current is not None:  # the alias vanished under a serving model
+                        self.metrics.reload_failures.inc()
+                        log.warning("model reload failed; still serving the previous model")
+                    # else: still waiting for the first model, as configured; nothing is wrong
                 except Exception:  # keep serving the old model; say why
                     self.metrics.reload_failures.inc()
                     log.warning(
@@ -345,7 +350,12 @@ def create_app(settings: Settings, model_ref: str = "champion") -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> Any:
-        holder.refresh()  # fail at start-up, loudly, rather than serve 503s forever
+        try:
+            holder.refresh()  # fail at start-up, loudly, rather than serve 503s forever
+        except ModelNotFoundError as exc:
+            if not settings.serve_wait_for_model:
+                raise
+            log.warning("no model to serve yet; waiting for one", extra={"reason": str(exc)})
         holder.start_watching(settings.serve_reload_seconds)
         yield
         holder.stop()
