@@ -210,6 +210,9 @@ def test_predict_without_a_model_says_how_to_get_one(tmp_path: Path) -> None:
     )
     assert result.returncode == 3
     assert "backorder train --data" in one_line_error(result.stderr)
+    served = run_cli("serve", "--port", "0", home=tmp_path / "empty-home")
+    assert served.returncode == 3
+    assert "backorder train --data" in one_line_error(served.stderr)
 
 
 def test_bad_settings_are_one_line_errors(tmp_path: Path) -> None:

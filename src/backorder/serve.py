@@ -584,6 +584,9 @@ def serve(settings: Settings, host: str, port: int, model_ref: str) -> None:
     import uvicorn
 
     configure_json()
+    if not settings.serve_wait_for_model:
+        # A missing model is a one-line error here, not a traceback from the server's start-up.
+        Registry(settings).resolve(model_ref)
     app = create_app(settings, model_ref)
     uvicorn.run(app, host=host, port=port, log_config=json_log_config(), access_log=False)
 
