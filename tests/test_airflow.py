@@ -85,6 +85,9 @@ def test_both_dags_run_end_to_end_and_reruns_are_safe(tmp_path: Path) -> None:
     predictions = out / "landing" / "predictions" / "20261102T000000Z.parquet"
     assert len(pd.read_parquet(predictions)) == scoring["scored"]
     written = predictions.stat().st_mtime_ns
+    # The task logs name the batch and the model version on each step's line.
+    task_log = (out / "backorder_batch_prediction.log").read_text()
+    assert "batch scored batch_id=20261102T000000Z model_version=1 " in task_log
 
     # Re-runs with nothing new: both succeed (skips), nothing is trained or rewritten.
     for dag_id in ("backorder_training", "backorder_batch_prediction"):

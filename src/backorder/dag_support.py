@@ -10,7 +10,12 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from backorder.config import Settings, load_settings
 from backorder.errors import InputFileError
+from backorder.logs import fields_into_messages
 from backorder.pipelines import DriftBlocked
+
+# Airflow's task logs keep a stdlib record's message and drop its extra fields: put the batch
+# id, model version and counts into the message instead.
+fields_into_messages()
 
 # Every run may point at another landing root; by default the `landing_root` setting.
 PARAMS = {"landing_root": Param(None, type=["null", "string"], description="Landing root URI")}

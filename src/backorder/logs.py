@@ -101,6 +101,31 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+_fields_in_messages = {"on": False}
+
+
+def fields_into_messages() -> None:
+    """For hosts that render only a record's message (Airflow's task logs, through structlog,
+    drop ``extra`` fields): from now on, :func:`step_logger` lines end with ``key=value`` pairs
+    of their bound and extra fields."""
+    _fields_in_messages["on"] = True
+
+
+class StepLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A logger whose ``extra`` fields survive hosts that keep only the message."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        if _fields_in_messages["on"]:
+            fields = {**_fields.get(), **(kwargs.get("extra") or {})}
+            if fields:
+                msg = f"{msg} " + " ".join(f"{k}={v}" for k, v in fields.items())
+        return msg, kwargs
+
+
+def step_logger(name: str) -> StepLogger:
+    return StepLogger(logging.getLogger(name), {})
+
+
 def json_log_config(level: str = "INFO") -> dict[str, Any]:
     """logging.dictConfig for our loggers and uvicorn's: JSON lines on stderr."""
     handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}

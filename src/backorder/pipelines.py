@@ -39,10 +39,10 @@ from backorder.config import Settings
 from backorder.data import check_inputs, load_rows
 from backorder.errors import BackorderError, InputFileError, OutputError
 from backorder.io import copy_atomic, write_json_atomic, write_text_atomic
-from backorder.logs import batch_logged, log_context
+from backorder.logs import batch_logged, log_context, step_logger
 from backorder.predict import new_batch_id, predict_file
 
-log = logging.getLogger("backorder.pipelines")
+log = step_logger("backorder.pipelines")
 
 LABELLED, UNSCORED, PREDICTIONS, REJECTS, REPORTS, MANIFEST, METRICS = (
     "labelled",
