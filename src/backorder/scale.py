@@ -204,6 +204,8 @@ def prepare_partition(partition: str, settings_json: str, sample_rows: int) -> d
     The promotion holdout is the same hash slice ``backorder train`` holds out; the next slice
     calibrates. Both go to the driver; the training rows stay on the worker as features.
     """
+    import hashlib
+
     import numpy as np
 
     from backorder.contract import LABEL
@@ -228,7 +230,8 @@ def prepare_partition(partition: str, settings_json: str, sample_rows: int) -> d
         "source": data.sources[0],
         "rejects": data.rejects,
         "warnings": dict(data.warnings),
-        "row_hashes": feature_hash(rows),
+        # The lineage hash of this partition's rows (a digest: the rows' hashes stay here).
+        "digest": hashlib.sha256(feature_hash(rows).tobytes()).hexdigest(),
         TRAIN: features.reset_index(drop=True),
         "sample": train_rows.sample(n=min(len(train_rows), sample_rows), random_state=0),
         CALIBRATION: rows[role == CALIBRATION],
@@ -365,11 +368,11 @@ def train_partitioned(
     )
     digest = hashlib.sha256()
     for p in small:
-        digest.update(np.asarray(p["row_hashes"]).tobytes())
+        digest.update(p["digest"].encode())
     fingerprint = {
         "rows": int(sum(s.accepted for s in sources)),
         "positives": positives + int(y_cal.sum()) + int(holdout[LABEL].sum()),
-        "sha256": digest.hexdigest(),  # of each partition's feature hashes, in order
+        "sha256": digest.hexdigest(),  # of the partitions' digests, in order
     }
     return register_trained(
         Fitted(
