@@ -206,36 +206,35 @@ def prepare_partition(partition: str, settings_json: str, sample_rows: int) -> d
     """
     import hashlib
 
-    import numpy as np
-
     from backorder.contract import LABEL
     from backorder.data import feature_hash, load_labelled
-    from backorder.features import InventoryFeatures
-    from backorder.train import HASH_BUCKETS
+    from backorder.model import build_pipeline
+    from backorder.train import hash_slices
 
     settings = Settings.model_validate_json(settings_json)
     data = load_labelled([partition], settings.read_block_bytes)
     rows = data.rows.reset_index(drop=True)
-    bucket = feature_hash(rows) % HASH_BUCKETS
-    holdout_end = round(settings.holdout_fraction * HASH_BUCKETS)
-    calibration_end = holdout_end + round(settings.dask_calibration_fraction * HASH_BUCKETS)
-    role = np.where(
-        bucket < holdout_end, HOLDOUT, np.where(bucket < calibration_end, CALIBRATION, TRAIN)
-    )
-    train_rows = rows[role == TRAIN]
-    features = InventoryFeatures().fit(train_rows).transform(train_rows)
-    features[LABEL] = train_rows[LABEL].astype("int64").to_numpy()
+    hashes = feature_hash(rows)
+    # Slice 0 is the promotion holdout, 1 the calibration slice, 2 the rows to train on.
+    slices = hash_slices(hashes, settings.holdout_fraction, settings.dask_calibration_fraction)
+    holdout_rows, calibration_rows, train_rows = (rows[slices == i] for i in range(3))
+    # The same feature step, configured from the same settings, as the registered pipeline.
+    features = build_pipeline(settings).named_steps["features"].fit(train_rows)
+    train_features = features.transform(train_rows)
+    train_features[LABEL] = train_rows[LABEL].astype("int64").to_numpy()
     return {
         "partition": partition,
         "source": data.sources[0],
         "rejects": data.rejects,
         "warnings": dict(data.warnings),
         # The lineage hash of this partition's rows (a digest: the rows' hashes stay here).
-        "digest": hashlib.sha256(feature_hash(rows).tobytes()).hexdigest(),
-        TRAIN: features.reset_index(drop=True),
+        "digest": hashlib.sha256(hashes.tobytes()).hexdigest(),
+        "train_rows": len(train_rows),
+        "train_positives": int(train_features[LABEL].sum()),
+        TRAIN: train_features.reset_index(drop=True),
         "sample": train_rows.sample(n=min(len(train_rows), sample_rows), random_state=0),
-        CALIBRATION: rows[role == CALIBRATION],
-        HOLDOUT: rows[role == HOLDOUT],
+        CALIBRATION: calibration_rows,
+        HOLDOUT: holdout_rows,
     }
 
 
@@ -306,8 +305,8 @@ def train_partitioned(
         holdout = pd.concat([p[HOLDOUT] for p in small], ignore_index=True)
         train_parts = [client.submit(lambda p: p[TRAIN], part, pure=False) for part in prepared]
         train = dd.from_delayed(train_parts, verify_meta=False)
-        n_train = int(sum(p["source"].accepted for p in small)) - len(calibration) - len(holdout)
-        positives = int(train[LABEL].sum().compute())
+        n_train = sum(p["train_rows"] for p in small)
+        positives = sum(p["train_positives"] for p in small)
         if sample[LABEL].sum() < 2 or calibration[LABEL].sum() < 2:
             raise BackorderError(
                 f"{input_uri}: too few backorders to train on "

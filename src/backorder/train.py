@@ -41,11 +41,17 @@ HASH_BUCKETS = 10_000
 Say = Callable[[str], None]
 
 
+def hash_slices(hashes: np.ndarray, *fractions: float) -> np.ndarray:
+    """Which consecutive slice of feature-value hashes each row falls in: 0 for the first
+    ``fractions[0]`` of hash buckets, 1 for the next ``fractions[1]``, ..., and
+    ``len(fractions)`` for the rest. Stable across runs and engines."""
+    edges = np.cumsum([round(f * HASH_BUCKETS) for f in fractions])
+    return np.searchsorted(edges, hashes % HASH_BUCKETS, side="right")
+
+
 def holdout_mask(rows: pd.DataFrame, fraction: float) -> np.ndarray:
     """Rows in the promotion holdout: a fixed share of feature-value hashes, stable across runs."""
-    if fraction <= 0:
-        return np.zeros(len(rows), dtype=bool)
-    return (feature_hash(rows) % HASH_BUCKETS) < round(fraction * HASH_BUCKETS)
+    return hash_slices(feature_hash(rows), fraction) == 0
 
 
 @dataclass
