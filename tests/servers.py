@@ -175,6 +175,68 @@ def _kill(proc: subprocess.Popen[Any] | None, *, term_first: bool = False) -> No
     proc.wait(timeout=10)
 
 
+def launch(
+    cmd: list[str],
+    log_path: Path,
+    ready: Callable[[], object],
+    what: str,
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = STARTUP_TIMEOUT,
+    term_first: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start `cmd` (output appended to `log_path`) and wait until `ready()` passes; a server
+    that does not come up is stopped before the error is raised."""
+    with log_path.open("ab") as log:
+        proc = _spawn(cmd, log, env)
+    try:
+        wait_until(ready, what, timeout, log_path=log_path, proc=proc)
+    except BaseException:
+        _kill(proc, term_first=term_first)
+        raise
+    return proc
+
+
+@contextlib.contextmanager
+def running(
+    cmd: list[str],
+    log_path: Path,
+    ready: Callable[[], object],
+    what: str,
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = STARTUP_TIMEOUT,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`launch`, then stop the process by PID (SIGTERM first) when the block ends."""
+    proc = launch(cmd, log_path, ready, what, env=env, timeout=timeout, term_first=True)
+    try:
+        yield proc
+    finally:
+        _kill(proc, term_first=True)
+
+
+@contextlib.contextmanager
+def serving(home: Path, log_path: Path, timeout: float = 60) -> Iterator[str]:
+    """`backorder serve` for the registry in `home`, as a real process on a free loopback port,
+    until `/readyz` answers 200; yields its URL."""
+    import httpx
+
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKORDER_")}
+    env["BACKORDER_HOME"] = str(home)
+    exe = str(Path(sys.executable).with_name("backorder"))
+    with running(
+        [exe, "serve", "--host", HOST, "--port", str(port)],
+        log_path,
+        lambda: httpx.get(f"{url}/readyz", timeout=2).raise_for_status(),
+        "backorder serve",
+        env=env,
+        timeout=timeout,
+    ):
+        yield url
+
+
 def find_binary(name: str) -> str | None:
     """`name` beside this interpreter (the venv's bin, often not on PATH), else on PATH."""
     beside = Path(sys.executable).with_name(name)
@@ -297,8 +359,6 @@ class SeaweedS3:
             "TMPDIR": str(self.data_dir),  # for anything else weed writes there
             "WEED_MASTER_VOLUME_GROWTH_COPY_1": "1",  # one new volume per bucket, not 7
         }
-        with self.log_path.open("ab") as log:
-            self._proc = _spawn(self.command(), log, env)
         probe = self.client(
             connect_timeout=1, read_timeout=2, retries={"max_attempts": 1, "mode": "standard"}
         )
@@ -313,15 +373,16 @@ class SeaweedS3:
                     raise ServerError("no volume server has joined the master yet")
 
         try:
-            wait_until(
+            self._proc = launch(
+                self.command(),
+                self.log_path,
                 ready,
                 f"SeaweedFS S3 at {self.endpoint_url}",
-                self.timeout,
-                log_path=self.log_path,
-                proc=self._proc,
+                env=env,
+                timeout=self.timeout,
             )
         except BaseException:
-            self.stop()
+            self.stop()  # the gRPC sockets it may have left
             raise
 
     def stop(self) -> None:
@@ -551,20 +612,16 @@ class MongoServer:
         if self.running:
             return
         (self.data_dir / "db").mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self._proc = _spawn(self.command(), log)
         probe = self.client(serverSelectionTimeoutMS=1000, connectTimeoutMS=1000)
         try:
-            wait_until(
+            self._proc = launch(
+                self.command(),
+                self.log_path,
                 lambda: probe.admin.command("ping"),
                 f"nx-27017 at {self.url}",
-                self.timeout,
-                log_path=self.log_path,
-                proc=self._proc,
+                timeout=self.timeout,
+                term_first=True,
             )
-        except BaseException:
-            self.stop()
-            raise
         finally:
             probe.close()
 

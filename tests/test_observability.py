@@ -15,11 +15,9 @@ the real producers, never from a list kept by hand:
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -35,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backorder.config import Settings
 from tests.conftest import ROOT, SAMPLE
-from tests.servers import HOST, _kill, _spawn, free_port, wait_until
+from tests.servers import HOST, _kill, free_port, launch, running, serving
 
 DEPLOY = ROOT / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
@@ -294,13 +292,13 @@ class Exporter:
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.log = log
-        with log.open("ab") as sink:
-            self.proc = _spawn([binary, f"--web.listen-address={HOST}:{self.port}", *args], sink)
-        try:
-            wait_until(lambda: get(f"{self.url}/metrics"), binary, log_path=log, proc=self.proc)
-        except BaseException:
-            self.stop()
-            raise
+        self.proc = launch(
+            [binary, f"--web.listen-address={HOST}:{self.port}", *args],
+            log,
+            lambda: get(f"{self.url}/metrics"),
+            binary,
+            term_first=True,
+        )
 
     def stop(self) -> None:
         _kill(self.proc, term_first=True)
@@ -525,25 +523,8 @@ def app_server(trained_home: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     tmp = tmp_path_factory.mktemp("serve")
     home = tmp / "home"
     shutil.copytree(trained_home, home)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKORDER_")}
-    env["BACKORDER_HOME"] = str(home)
-    exe = Path(sys.executable).with_name("backorder")
-    log = tmp / "serve.log"
-    with log.open("ab") as sink:
-        proc = _spawn([str(exe), "serve", "--host", HOST, "--port", str(port)], sink, env)
-    url = f"http://{HOST}:{port}"
-    try:
-        wait_until(
-            lambda: httpx.get(f"{url}/readyz", timeout=2).raise_for_status(),
-            "backorder serve",
-            60,
-            log_path=log,
-            proc=proc,
-        )
+    with serving(home, tmp / "serve.log") as url:
         yield url
-    finally:
-        _kill(proc, term_first=True)
 
 
 @pytest.fixture
@@ -562,23 +543,19 @@ def prometheus(app_server: str, tmp_path: Path) -> Iterator[str]:
         ],
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    log = tmp_path / "prometheus.log"
-    with log.open("ab") as sink:
-        proc = _spawn(
-            [
-                PROMETHEUS,
-                f"--config.file={tmp_path / 'prometheus.yml'}",
-                f"--storage.tsdb.path={tmp_path / 'data'}",
-                f"--web.listen-address={HOST}:{port}",
-            ],
-            sink,
-        )
     url = f"http://{HOST}:{port}"
-    try:
-        wait_until(lambda: get(f"{url}/-/ready"), "prometheus", log_path=log, proc=proc)
+    with running(
+        [
+            PROMETHEUS,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address={HOST}:{port}",
+        ],
+        tmp_path / "prometheus.log",
+        lambda: get(f"{url}/-/ready"),
+        "prometheus",
+    ):
         yield url
-    finally:
-        _kill(proc, term_first=True)
 
 
 def query(prometheus: str, promql: str) -> list[dict[str, Any]]:
