@@ -16,10 +16,17 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-import pendulum
 from airflow.sdk import dag, task, task_group
 
-from backorder.dag_support import PARAMS, final, landing_root, settings
+from backorder.dag_support import (
+    DAG_ARGS,
+    drift,
+    final_on_bad_input,
+    landing_root,
+    settings,
+    validate,
+)
+from backorder.pipelines import UNSCORED
 
 DEFAULT_ARGS = {
     # Transient store outages heal; bad files and drift blocks fail at once (no retry).
@@ -31,13 +38,9 @@ DEFAULT_ARGS = {
 @dag(
     dag_id="backorder_batch_prediction",
     schedule="@daily",
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
     default_args=DEFAULT_ARGS,
-    params=PARAMS,
-    tags=["backorder"],
     doc_md=__doc__,
+    **DAG_ARGS,
 )
 def backorder_batch_prediction() -> None:
     @task
@@ -52,32 +55,11 @@ def backorder_batch_prediction() -> None:
         return pending
 
     @task
-    def validate(batch_id: str) -> str:
-        from backorder.pipelines import validate_batch
-
-        try:
-            validate_batch(landing_root(), batch_id, settings())
-        except Exception as exc:
-            raise final(exc) from None
-        return batch_id
-
-    @task
-    def drift(batch_id: str) -> dict[str, Any]:
-        from backorder.pipelines import check_drift
-
-        try:
-            return check_drift(landing_root(), batch_id, settings())
-        except Exception as exc:
-            raise final(exc) from None
-
-    @task
     def score(drift_summary: dict[str, Any]) -> dict[str, Any]:
         from backorder.pipelines import score_batch
 
-        try:
+        with final_on_bad_input():
             scored = score_batch(landing_root(), drift_summary["batch_id"], settings())
-        except Exception as exc:
-            raise final(exc) from None
         return scored | {"drift": drift_summary}
 
     @task
@@ -90,7 +72,7 @@ def backorder_batch_prediction() -> None:
     # One mapped group per batch: a broken batch fails its own tasks, never its neighbours'.
     @task_group
     def one_batch(batch_id: str) -> None:
-        record(score(drift(validate(batch_id))))
+        record(score(drift(validate(batch_id, UNSCORED), UNSCORED)))
 
     one_batch.expand(batch_id=find_pending())
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-import pendulum
 from airflow.sdk import dag, task
 
-from backorder.dag_support import PARAMS, final, landing_root, settings
+from backorder.dag_support import DAG_ARGS, drift, landing_root, settings, validate
+from backorder.pipelines import LABELLED
 
 DEFAULT_ARGS = {"retries": 1, "retry_delay": timedelta(minutes=5)}
 
@@ -22,13 +22,9 @@ DEFAULT_ARGS = {"retries": 1, "retry_delay": timedelta(minutes=5)}
 @dag(
     dag_id="backorder_training",
     schedule="@weekly",
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
     default_args=DEFAULT_ARGS,
-    params=PARAMS,
-    tags=["backorder"],
     doc_md=__doc__,
+    **DAG_ARGS,
 )
 def backorder_training() -> None:
     @task
@@ -41,25 +37,6 @@ def backorder_training() -> None:
         if not new:
             raise AirflowSkipException("no new labelled batches")
         return new
-
-    @task
-    def validate(batch_id: str) -> str:
-        from backorder.pipelines import LABELLED, validate_batch
-
-        try:
-            validate_batch(landing_root(), batch_id, settings(), kind=LABELLED)
-        except Exception as exc:
-            raise final(exc) from None
-        return batch_id
-
-    @task
-    def drift(batch_id: str) -> dict[str, Any]:
-        from backorder.pipelines import LABELLED, check_drift
-
-        try:
-            return check_drift(landing_root(), batch_id, settings(), kind=LABELLED)
-        except Exception as exc:
-            raise final(exc) from None
 
     @task
     def train(drift_summaries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -83,7 +60,8 @@ def backorder_training() -> None:
         drift_summaries = decided.pop("drift")
         return record_training(landing_root(), decided, settings(), drift_summaries)
 
-    drifted = drift.expand(batch_id=validate.expand(batch_id=find_new_labelled()))
+    valid = validate.partial(kind=LABELLED).expand(batch_id=find_new_labelled())
+    drifted = drift.partial(kind=LABELLED).expand(batch_id=valid)
     report(promote_or_keep(train(drifted)))
 
 

@@ -1,11 +1,17 @@
-"""What both Airflow DAGs share: settings, the landing root, and which errors are final.
+"""What both Airflow DAGs share: their common arguments, settings, the landing root, which
+errors are final, and the per-batch validate and drift tasks.
 
 Imported only by the DAG files in ``dags/`` (it needs Airflow); the pipelines do not.
 """
 
 from __future__ import annotations
 
-from airflow.sdk import Param, get_current_context
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pendulum
+from airflow.sdk import Param, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from backorder.config import Settings, load_settings
@@ -19,6 +25,13 @@ fields_into_messages()
 
 # Every run may point at another landing root; by default the `landing_root` setting.
 PARAMS = {"landing_root": Param(None, type=["null", "string"], description="Landing root URI")}
+DAG_ARGS: dict[str, Any] = {
+    "start_date": pendulum.datetime(2026, 1, 1, tz="UTC"),
+    "catchup": False,
+    "max_active_runs": 1,
+    "params": PARAMS,
+    "tags": ["backorder"],
+}
 
 
 def settings() -> Settings:
@@ -31,9 +44,30 @@ def landing_root() -> str:
     return str(given or settings().resolved_landing_root)
 
 
-def final(exc: Exception) -> Exception:
+@contextmanager
+def final_on_bad_input() -> Iterator[None]:
     """Problems a retry cannot fix (a bad file, a drift block) fail the task for good, with the
     one-line message; anything else (a store outage, say) stays retryable."""
-    if isinstance(exc, InputFileError | DriftBlocked):
-        return AirflowFailException(str(exc))
-    return exc
+    try:
+        yield
+    except (InputFileError, DriftBlocked) as exc:
+        raise AirflowFailException(str(exc)) from None
+
+
+@task
+def validate(batch_id: str, kind: str) -> str:
+    """Fail fast on whole-file problems; pass the batch id on."""
+    from backorder.pipelines import validate_batch
+
+    with final_on_bad_input():
+        validate_batch(landing_root(), batch_id, settings(), kind=kind)
+    return batch_id
+
+
+@task
+def drift(batch_id: str, kind: str) -> dict[str, Any]:
+    """Compare the batch with the champion's training reference; apply the drift policy."""
+    from backorder.pipelines import check_drift
+
+    with final_on_bad_input():
+        return check_drift(landing_root(), batch_id, settings(), kind=kind)
