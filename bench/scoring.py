@@ -179,7 +179,7 @@ def job_backorder(path: Path, out: Path, home: Path, **_: Any) -> int:
 
 def job_dask(path: Path, out: Path, home: Path, workers: int, **_: Any) -> int:
     from backorder.config import load_settings
-    from backorder.scale import predict_partitioned
+    from backorder.dask_engine import predict_partitioned
 
     settings = load_settings(None, home=home)
     parts = path.parent / f"parts_{path.stem.split('_')[1]}"
@@ -198,7 +198,7 @@ def job_train(path: Path, out: Path, home: Path, **_: Any) -> int:
 
 def job_train_dask(path: Path, out: Path, home: Path, workers: int, **_: Any) -> int:
     from backorder.config import load_settings
-    from backorder.scale import train_partitioned
+    from backorder.dask_engine import train_partitioned
 
     settings = load_settings(None, home=home)
     parts = path.with_suffix("")  # the same rows as 250 k-row partitions

@@ -12,7 +12,7 @@ import pytest
 
 from backorder.config import Settings, load_settings
 
-pytest_plugins = ["tests.servers"]
+pytest_plugins = ["tests.support.servers"]
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from tests.servers import MongoServer, PostgresServer, SeaweedS3
+from tests.support.servers import MongoServer, PostgresServer, SeaweedS3
 
 
 def unique(prefix: str) -> str:

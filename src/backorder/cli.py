@@ -158,7 +158,7 @@ def _reading_progress() -> Iterator[Callable[[Any], None]]:
 
 def _with_tables(uris: list[str], tables: list[str]) -> list[str]:
     """Pair each database URI that names no table (``URI#TABLE``) with the next --data-table."""
-    from backorder.stores import is_database
+    from backorder.databases import is_database
 
     remaining = list(tables)
     paired = []
@@ -208,7 +208,7 @@ def train(
 
     settings = _settings(config)
     if engine == "dask":
-        from backorder.scale import train_partitioned
+        from backorder.dask_engine import train_partitioned
 
         if len(data) != 1 or data_table:
             _fail("--engine dask: give one --data folder or prefix of partitions", 2)
@@ -318,15 +318,15 @@ def predict(
 ) -> None:
     """Score a batch: every row is scored or written to the rejects with its reason."""
     from backorder.data import check_inputs
+    from backorder.databases import with_table
     from backorder.model import classifier_of
     from backorder.predict import predict_file
     from backorder.registry import Registry
-    from backorder.stores import with_table
 
     settings = _settings(config, scoring_base_rate=base_rate)
     bind(batch_id=batch_id)
     if engine == "dask":
-        from backorder.scale import predict_partitioned
+        from backorder.dask_engine import predict_partitioned
 
         totals = _guard(
             lambda: predict_partitioned(

@@ -20,8 +20,8 @@ from backorder.contract import (
     required_columns,
     validate_chunk,
 )
+from backorder.databases import redact
 from backorder.io import Source, broken_rows_frame, open_input
-from backorder.stores import redact
 
 # Called with the input (an InputTable or a database table) after each chunk, for progress.
 ChunkProgress = Callable[[Source], None]

@@ -3,7 +3,7 @@
 Inputs are paths or fsspec URLs (``s3://bucket/key``: endpoint and credentials come from the
 standard AWS variables, ``AWS_ENDPOINT_URL`` included) of CSV (optionally gzip-compressed) or
 Parquet files, read in bounded chunks, or database tables named ``URI#TABLE`` (see
-``backorder.stores``). Outputs are written atomically: a local file goes to a temporary file
+``backorder.databases``). Outputs are written atomically: a local file goes to a temporary file
 beside the target and is renamed into place only when complete; a remote object is written to a
 local temporary file and uploaded as one object only when complete (an S3 upload appears whole
 or not at all). An interrupted run never leaves a partial output behind.
@@ -573,7 +573,7 @@ class Sink(Protocol):
 
 def open_input(uri: str | Path, block_bytes: int = 8 << 20) -> Source:
     """An input file (``InputTable``) or database table (``URI#TABLE``), opened and checked."""
-    from backorder.stores import is_database, open_database_input
+    from backorder.databases import is_database, open_database_input
 
     if is_database(str(uri)):
         return open_database_input(str(uri), block_rows=max(10_000, block_bytes // 200))
@@ -584,7 +584,7 @@ def open_output(
     uri: str | Path, template: pd.DataFrame, batch_id: str, rejects: bool = False
 ) -> Sink:
     """A writer with ``write``/``commit``/``abort`` for a file, object or database table."""
-    from backorder.stores import is_database, open_database_output
+    from backorder.databases import is_database, open_database_output
 
     if is_database(str(uri)):
         return open_database_output(str(uri), template, batch_id, rejects)

@@ -17,12 +17,12 @@ import pandas as pd
 from backorder.config import Settings
 from backorder.contract import ORIGINAL_LINE, REASON, ROW_NUMBER, SKU
 from backorder.data import ChunkProgress, validated_chunks
+from backorder.databases import is_database, redact, split_table
 from backorder.errors import InputFileError
 from backorder.explain import Reason, reason_columns, reason_names, top_reasons
 from backorder.io import BackgroundSink, is_remote, open_input, open_output, prefetch, table_format
 from backorder.model import classifier_of
 from backorder.registry import LoadedModel
-from backorder.stores import is_database, redact, split_table
 
 RISK_BANDS = ("low", "medium", "high")
 

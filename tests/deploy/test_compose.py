@@ -8,7 +8,7 @@ compose.yaml with compose.aws.yaml merged over it by a small copy of compose's m
 the override uses, `!reset` and `!override` included), fed with what the instance's user_data
 and the deploy script put into .env. The scripts the stack runs once (PostgreSQL's init.sh,
 airflow-init, s3-buckets) run against real servers on loopback: PostgreSQL and SeaweedFS from
-tests/servers.py, and Airflow itself.
+tests/support/servers.py, and Airflow itself.
 """
 
 from __future__ import annotations
@@ -881,7 +881,7 @@ def psql_env(server: Any, **extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def stack_postgres() -> Any:
     """A private PostgreSQL set up by deploy/postgres/init.sh, as the postgres image would."""
-    from tests.servers import PostgresServer, find_postgres_bindir
+    from tests.support.servers import PostgresServer, find_postgres_bindir
 
     bindir = find_postgres_bindir()
     if bindir is None:

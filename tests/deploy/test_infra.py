@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
 CHECK_SCRIPT = ROOT / "scripts" / "check_infra.sh"
 TERRAFORM = shutil.which("terraform")

@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backorder.config import Settings
 from tests.conftest import ROOT, SAMPLE
-from tests.servers import HOST, _kill, free_port, launch, running, serving
+from tests.support.servers import HOST, _kill, free_port, launch, running, serving
 
 DEPLOY = ROOT / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"

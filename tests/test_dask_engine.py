@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 
 from backorder.config import Settings
+from backorder.dask_engine import predict_partitioned, train_partitioned
 from backorder.data import load_labelled
 from backorder.errors import BackorderError
 from backorder.model import backorder_probability, classifier_of
 from backorder.predict import predict_file
 from backorder.registry import Registry
-from backorder.scale import predict_partitioned, train_partitioned
 from backorder.train import holdout_mask
 from tests.conftest import SAMPLE, make_settings, run_cli
 

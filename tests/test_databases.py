@@ -1,6 +1,6 @@
 """Inputs and outputs on real servers: S3 (SeaweedFS), PostgreSQL and MongoDB (nx-27017).
 
-Every server is started on loopback by the fixtures in tests/servers.py and stopped after.
+Every server is started on loopback by the fixtures in tests/support/servers.py and stopped after.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import pytest
 import sqlalchemy as sa
 
 from backorder.config import Settings
+from backorder.databases import sqlalchemy_url
 from backorder.errors import InputFileError, OutputError
 from backorder.pipelines import UNSCORED, Landing, score_pending
 from backorder.predict import predict_file
 from backorder.registry import Registry
-from backorder.stores import sqlalchemy_url
 from tests.conftest import SAMPLE, make_settings, run_cli
-from tests.servers import MongoServer, PostgresServer, SeaweedS3
+from tests.support.servers import MongoServer, PostgresServer, SeaweedS3
 from tests.test_cli import one_line_error
 
 
