@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO   := out/demo
 export BACKORDER_HOME ?= .backorder
 
-.PHONY: setup demo serve test lint typecheck check bench bench-train bench-quality bench-tune bench-serve bench-scoring screenshot airflow-demo ops-check clean
+.PHONY: setup demo serve test lint typecheck check bench bench-train bench-quality bench-tune bench-serve bench-scoring screenshot airflow-demo ops-check docs docs-build clean
 
 setup: $(STAMP)
 
@@ -82,9 +82,17 @@ bench-serve: setup
 bench-scoring: setup
 	$(BIN)/python bench/scoring.py
 
-# Refresh the README's screenshot of the page (the browser test saves it).
+# Refresh the screenshot of the page in the docs (the browser test saves it).
 screenshot: setup
-	SAVE_SCREENSHOT=$(CURDIR)/docs/web-page.png $(BIN)/python -m pytest -q tests/test_live_server.py -k browser
+	SAVE_SCREENSHOT=$(CURDIR)/docs/guide/web-page.png $(BIN)/python -m pytest -q tests/test_live_server.py -k browser
+
+# The documentation site (mkdocs.yml, docs/) with live reload on http://127.0.0.1:8001.
+docs: setup
+	$(BIN)/mkdocs serve -a 127.0.0.1:8001
+
+# The site into out/site; --strict makes a broken link or anchor fail (CI runs this).
+docs-build: setup
+	$(BIN)/mkdocs build --strict
 
 # Every benchmark; the ones that need ../shared say so and skip without it.
 bench: setup

@@ -13,9 +13,9 @@ from backorder.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_example_config_loads(tmp_path: Path) -> None:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    example = re.search(r"```yaml\n# settings.yaml\n(.*?)```", readme, re.S)
+def test_documented_example_config_loads(tmp_path: Path) -> None:
+    page = (ROOT / "docs" / "guide" / "configuration.md").read_text(encoding="utf-8")
+    example = re.search(r"```yaml\n# settings.yaml\n(.*?)```", page, re.S)
     assert example is not None
     path = tmp_path / "settings.yaml"
     path.write_text(example.group(1))

@@ -69,7 +69,7 @@ def test_browser_fills_the_form_and_reads_the_risk(
         shot = tmp_path / "page.png"
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 10_000
-        target = os.environ.get("SAVE_SCREENSHOT")  # `make screenshot` keeps it for the README
+        target = os.environ.get("SAVE_SCREENSHOT")  # `make screenshot` keeps it for the docs
         if target:
             shutil.copy(shot, target)
         browser.close()

@@ -388,6 +388,7 @@ def test_ci_runs_the_real_checks() -> None:
     ]
     assert "make test" in commands
     assert "make setup lint typecheck" in commands
+    assert "make docs-build" in commands  # mkdocs build --strict: a broken link fails
     assert "hadolint Dockerfile" in commands
     assert any(c.startswith("actionlint ") for c in commands)
     assert "scripts/check_infra.sh" in commands
