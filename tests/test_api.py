@@ -24,7 +24,7 @@ from backorder.contract import FEATURE_COLUMNS, FLAG_COLUMNS, validate_chunk
 from backorder.logs import JsonFormatter
 from backorder.predict import score_rows
 from backorder.registry import Registry
-from backorder.serve import FORM_DEFAULTS, create_app
+from backorder.web import FORM_DEFAULTS, create_app
 from tests.conftest import SAMPLE, make_settings
 
 

@@ -19,7 +19,7 @@ from backorder.data import load_rows
 from backorder.model import classifier_of
 from backorder.predict import predict_file
 from backorder.registry import Registry
-from backorder.serve import FORM_DEFAULTS, create_app
+from backorder.web import FORM_DEFAULTS, create_app
 from tests.conftest import SAMPLE, run_cli
 
 

@@ -551,7 +551,7 @@ def serve(
     config: ConfigOption = None,
 ) -> None:
     """Serve the web page and the HTTP API (JSON logs on stderr; Ctrl-C stops)."""
-    from backorder.serve import serve as run_server
+    from backorder.web import serve as run_server
 
     settings = _settings(config)
     _guard(lambda: run_server(settings, host, port, model))

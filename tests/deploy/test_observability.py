@@ -275,7 +275,7 @@ def get(url: str, timeout: float = 5) -> str:
 
 
 def app_catalog(settings: Settings) -> Catalog:
-    from backorder.serve import FORM_DEFAULTS, create_app
+    from backorder.web import FORM_DEFAULTS, create_app
 
     with TestClient(create_app(settings)) as client:
         ok = client.post("/v1/predict", json={"records": [{"sku": "1", **FORM_DEFAULTS}]})
@@ -579,7 +579,7 @@ def poll(what: str, check: Any, timeout: float = 30) -> Any:
 def test_prometheus_scrapes_the_app_and_loads_the_alert_rules(
     app_server: str, prometheus: str
 ) -> None:
-    from backorder.serve import FORM_DEFAULTS
+    from backorder.web import FORM_DEFAULTS
 
     predictions = 3
     for i in range(predictions):
