@@ -11,6 +11,7 @@ used to decide: with hundreds of thousands of rows every difference is "signific
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -19,9 +20,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from scipy import stats
+from sklearn.pipeline import Pipeline
 
 from backorder.contract import FEATURE_COLUMNS, FLAG_COLUMNS
+from backorder.io import write_json_atomic, write_text_atomic
+from backorder.model import backorder_probability
 from backorder.report import _png, render, table
 
 EPSILON = 1e-4  # floor for empty bins, so that PSI stays finite
@@ -143,22 +148,25 @@ def compare(
     return DriftResult(frame, len(reference), len(current), threshold)
 
 
-def prometheus_text(result: DriftResult, batch: str) -> str:
-    """The drift figures in Prometheus' text format (for a textfile collector or a push)."""
-    lines = [
-        "# HELP backorder_drift_psi Population stability index against the reference.",
-        "# TYPE backorder_drift_psi gauge",
-    ]
+def drift_metrics(result: DriftResult, batch: str) -> CollectorRegistry:
+    """The drift figures as Prometheus gauges (for a textfile collector or a push)."""
+    registry = CollectorRegistry()
+    psi_gauge = Gauge(
+        "backorder_drift_psi",
+        "Population stability index against the reference.",
+        ["batch", "feature"],
+        registry=registry,
+    )
     for row in result.features.itertuples():
-        lines.append(
-            f'backorder_drift_psi{{batch="{batch}",feature="{row.feature}"}} {row.psi:.6g}'
-        )
-    lines += [
-        "# HELP backorder_drift_features_drifted Features at or over the PSI threshold.",
-        "# TYPE backorder_drift_features_drifted gauge",
-        f'backorder_drift_features_drifted{{batch="{batch}"}} {len(result.drifted)}',
-    ]
-    return "\n".join(lines) + "\n"
+        # 6 significant digits, as the figures have always been published.
+        psi_gauge.labels(batch=batch, feature=row.feature).set(float(f"{row.psi:.6g}"))
+    Gauge(
+        "backorder_drift_features_drifted",
+        "Features at or over the PSI threshold.",
+        ["batch"],
+        registry=registry,
+    ).labels(batch=batch).set(len(result.drifted))
+    return registry
 
 
 def _psi_plot(result: DriftResult) -> str:
@@ -222,3 +230,44 @@ def drift_report(
         ],
         body,
     )
+
+
+@dataclass
+class DriftCheck:
+    """A comparison and where its outputs went."""
+
+    result: DriftResult
+    report: str | Path  # drift_report.html
+    metrics: CollectorRegistry  # the figures written to drift.prom, for a push
+
+
+def check_and_report(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    names: tuple[str, str],
+    folder: str | Path,
+    batch: str,
+    threshold: float,
+    pipeline: Pipeline | None = None,
+    details: dict[str, Any] | None = None,
+) -> DriftCheck:
+    """Compare ``current`` with ``reference`` (and, with a pipeline, its predicted probabilities)
+    and write drift_report.html, drift.json (the summary plus ``details``) and drift.prom
+    (labelled ``batch``) into ``folder``, a local folder or an fsspec URL.
+
+    ``names`` are the reference's and the current batch's names, as the report shows them.
+    """
+    probabilities = (
+        (backorder_probability(pipeline, reference), backorder_probability(pipeline, current))
+        if pipeline is not None
+        else (None, None)
+    )
+    result = compare(reference, current, threshold, *probabilities)
+    report = write_text_atomic(
+        f"{folder}/drift_report.html", drift_report(result, reference, current, *names)
+    )
+    write_json_atomic(f"{folder}/drift.json", result.summary() | (details or {}))
+    metrics = drift_metrics(result, batch)
+    # Not write_to_textfile: it writes local paths only, and the folder may be an S3 prefix.
+    write_text_atomic(f"{folder}/drift.prom", generate_latest(metrics).decode())
+    return DriftCheck(result, report, metrics)
