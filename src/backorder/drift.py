@@ -27,7 +27,7 @@ from sklearn.pipeline import Pipeline
 from backorder.contract import FEATURE_COLUMNS, FLAG_COLUMNS
 from backorder.io import write_json_atomic, write_text_atomic
 from backorder.model import backorder_probability
-from backorder.report import _png, render, table
+from backorder.report import TEMPLATES, Plot, png
 
 EPSILON = 1e-4  # floor for empty bins, so that PSI stays finite
 N_BINS = 10
@@ -169,7 +169,7 @@ def drift_metrics(result: DriftResult, batch: str) -> CollectorRegistry:
     return registry
 
 
-def _psi_plot(result: DriftResult) -> str:
+def _psi_plot(result: DriftResult) -> Plot:
     frame = result.features.iloc[::-1]
     fig, ax = plt.subplots(figsize=(7, 0.28 * len(frame) + 1))
     colours = ["#c0392b" if d else "#7f8c8d" for d in frame["drifted"]]
@@ -178,10 +178,12 @@ def _psi_plot(result: DriftResult) -> str:
     ax.axvline(0.1, ls=":", color="grey", label="0.1 (moderate)")
     ax.set_xlabel("PSI (reference vs current)")
     ax.legend(loc="lower right")
-    return _png(fig, "PSI per feature")
+    return png(fig, "PSI per feature")
 
 
-def _distribution_plots(reference: pd.DataFrame, current: pd.DataFrame, names: list[str]) -> str:
+def _distribution_plots(
+    reference: pd.DataFrame, current: pd.DataFrame, names: list[str]
+) -> list[Plot]:
     parts = []
     for name in names:
         fig, ax = plt.subplots(figsize=(5, 2.6))
@@ -197,8 +199,8 @@ def _distribution_plots(reference: pd.DataFrame, current: pd.DataFrame, names: l
             ax.hist(cur.clip(lo, hi), bins=bins, density=True, alpha=0.5, label="current")
             ax.legend()
         ax.set_title(name)
-        parts.append(_png(fig, f"distribution of {name}"))
-    return "".join(parts)
+        parts.append(png(fig, f"distribution of {name}"))
+    return parts
 
 
 def drift_report(
@@ -209,18 +211,10 @@ def drift_report(
     current_name: str,
 ) -> str:
     shown = [f for f in result.features["feature"] if f in FEATURE_COLUMNS][:6]
-    body = (
-        "<h2>PSI per feature</h2>"
-        + _psi_plot(result)
-        + "<h2>Figures</h2>"
-        + table(result.features)
-        + "<h2>The most shifted features</h2>"
-        + _distribution_plots(reference, current, shown)
-    )
     verdict = ", ".join(result.drifted) if result.drifted else "none"
-    return render(
-        "Drift report",
-        [
+    return TEMPLATES.get_template("report_drift.html").render(
+        title="Drift report",
+        intro=[
             ("reference", reference_name),
             ("current", current_name),
             ("reference rows", result.reference_rows),
@@ -228,7 +222,9 @@ def drift_report(
             ("PSI threshold", result.threshold),
             ("drifted", verdict),
         ],
-        body,
+        psi_plot=_psi_plot(result),
+        features=result.features,
+        distributions=_distribution_plots(reference, current, shown),
     )
 
 
