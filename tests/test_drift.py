@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from backorder.contract import FEATURE_COLUMNS
 from backorder.data import load_rows
-from backorder.drift import compare, numeric_bins, prometheus_text, psi
+from backorder.drift import check_and_report, compare, drift_metrics, numeric_bins, psi
 from tests.conftest import SAMPLE, SHARED_10PCT, SHARED_20PCT, needs_shared, run_cli
 
 
@@ -49,9 +51,33 @@ def test_a_shifted_feature_is_found_and_the_rest_are_not(sample_rows) -> None:
     )
     assert set(shifted.drifted) == {"national_inv", "deck_risk", "predicted probability"}
     assert shifted.features.iloc[0]["psi"] >= shifted.features.iloc[-1]["psi"]  # sorted
-    text = prometheus_text(shifted, "2026-11-28T00:00:00Z")
+    text = generate_latest(drift_metrics(shifted, "2026-11-28T00:00:00Z")).decode()
     assert 'backorder_drift_features_drifted{batch="2026-11-28T00:00:00Z"} 3' in text
     assert text.count("backorder_drift_psi{") == len(FEATURE_COLUMNS) + 1
+
+
+def test_a_batch_label_with_quote_backslash_and_newline_round_trips(
+    sample_rows, tmp_path: Path
+) -> None:
+    """drift.prom is Prometheus text a parser reads back: label values are escaped."""
+    batch = 'odd "batch" \\ name\nline two'
+    half = len(sample_rows) // 2
+    check_and_report(
+        sample_rows.iloc[:half],
+        sample_rows.iloc[half:],
+        ("reference", "current"),
+        tmp_path,
+        batch,
+        threshold=0.2,
+    )
+    families = {
+        f.name: f for f in text_string_to_metric_families((tmp_path / "drift.prom").read_text())
+    }
+    psi_samples = families["backorder_drift_psi"].samples
+    assert len(psi_samples) == len(FEATURE_COLUMNS)
+    assert {s.labels["batch"] for s in psi_samples} == {batch}
+    [drifted] = families["backorder_drift_features_drifted"].samples
+    assert drifted.labels == {"batch": batch} and drifted.value == 0
 
 
 def test_drift_command_writes_report_figures_and_metrics(tmp_path: Path) -> None:

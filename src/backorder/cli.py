@@ -384,9 +384,7 @@ def drift(
 ) -> None:
     """Compare a batch with reference data, feature by feature; write an HTML drift report."""
     from backorder.data import check_inputs, load_rows
-    from backorder.drift import compare, drift_report, prometheus_text
-    from backorder.io import write_json_atomic, write_text_atomic
-    from backorder.model import backorder_probability
+    from backorder.drift import check_and_report
     from backorder.registry import Registry
 
     settings = _settings(config)
@@ -397,29 +395,28 @@ def drift(
     for name, rows in ((reference, ref_rows), (current, cur_rows)):
         if rows.empty:
             _fail(f"{name}: no valid rows to compare", 2)
-    probabilities: tuple[Any, Any] = (None, None)
-    if model is not None:
-        loaded = _guard(lambda: Registry(settings).load(model))
-        probabilities = (
-            backorder_probability(loaded.pipeline, ref_rows),
-            backorder_probability(loaded.pipeline, cur_rows),
-        )
-    result = compare(ref_rows, cur_rows, settings.drift_psi_threshold, *probabilities)
-    summary = result.summary() | {
+    pipeline = (
+        _guard(lambda: Registry(settings).load(model)).pipeline if model is not None else None
+    )
+    details = {
         "reference": reference,
         "current": current,
         "rejected": {"reference": ref_rejected, "current": cur_rejected},
         "read": {"reference": ref_read, "current": cur_read},
     }
-    report = drift_report(result, ref_rows, cur_rows, reference, current)
-    batch = Path(current).name
-
-    def write() -> None:
-        write_text_atomic(output / "drift_report.html", report)
-        write_json_atomic(output / "drift.json", summary)
-        write_text_atomic(output / "drift.prom", prometheus_text(result, batch))
-
-    _guard(write)
+    checked = _guard(
+        lambda: check_and_report(
+            ref_rows,
+            cur_rows,
+            (reference, current),
+            output,
+            Path(current).name,
+            settings.drift_psi_threshold,
+            pipeline,
+            details,
+        )
+    )
+    result = checked.result
     top = result.features.head(5)
     out.print(
         f"compared {result.current_rows:,} rows with {result.reference_rows:,}; drifted (PSI >= "

@@ -11,6 +11,7 @@ used to decide: with hundreds of thousands of rows every difference is "signific
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -19,10 +20,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from scipy import stats
+from sklearn.pipeline import Pipeline
 
 from backorder.contract import FEATURE_COLUMNS, FLAG_COLUMNS
-from backorder.report import _png, render, table
+from backorder.io import write_json_atomic, write_text_atomic
+from backorder.model import backorder_probability
+from backorder.report import TEMPLATES, Plot, png
 
 EPSILON = 1e-4  # floor for empty bins, so that PSI stays finite
 N_BINS = 10
@@ -143,25 +148,28 @@ def compare(
     return DriftResult(frame, len(reference), len(current), threshold)
 
 
-def prometheus_text(result: DriftResult, batch: str) -> str:
-    """The drift figures in Prometheus' text format (for a textfile collector or a push)."""
-    lines = [
-        "# HELP backorder_drift_psi Population stability index against the reference.",
-        "# TYPE backorder_drift_psi gauge",
-    ]
+def drift_metrics(result: DriftResult, batch: str) -> CollectorRegistry:
+    """The drift figures as Prometheus gauges (for a textfile collector or a push)."""
+    registry = CollectorRegistry()
+    psi_gauge = Gauge(
+        "backorder_drift_psi",
+        "Population stability index against the reference.",
+        ["batch", "feature"],
+        registry=registry,
+    )
     for row in result.features.itertuples():
-        lines.append(
-            f'backorder_drift_psi{{batch="{batch}",feature="{row.feature}"}} {row.psi:.6g}'
-        )
-    lines += [
-        "# HELP backorder_drift_features_drifted Features at or over the PSI threshold.",
-        "# TYPE backorder_drift_features_drifted gauge",
-        f'backorder_drift_features_drifted{{batch="{batch}"}} {len(result.drifted)}',
-    ]
-    return "\n".join(lines) + "\n"
+        # 6 significant digits, as the figures have always been published.
+        psi_gauge.labels(batch=batch, feature=row.feature).set(float(f"{row.psi:.6g}"))
+    Gauge(
+        "backorder_drift_features_drifted",
+        "Features at or over the PSI threshold.",
+        ["batch"],
+        registry=registry,
+    ).labels(batch=batch).set(len(result.drifted))
+    return registry
 
 
-def _psi_plot(result: DriftResult) -> str:
+def _psi_plot(result: DriftResult) -> Plot:
     frame = result.features.iloc[::-1]
     fig, ax = plt.subplots(figsize=(7, 0.28 * len(frame) + 1))
     colours = ["#c0392b" if d else "#7f8c8d" for d in frame["drifted"]]
@@ -170,10 +178,12 @@ def _psi_plot(result: DriftResult) -> str:
     ax.axvline(0.1, ls=":", color="grey", label="0.1 (moderate)")
     ax.set_xlabel("PSI (reference vs current)")
     ax.legend(loc="lower right")
-    return _png(fig, "PSI per feature")
+    return png(fig, "PSI per feature")
 
 
-def _distribution_plots(reference: pd.DataFrame, current: pd.DataFrame, names: list[str]) -> str:
+def _distribution_plots(
+    reference: pd.DataFrame, current: pd.DataFrame, names: list[str]
+) -> list[Plot]:
     parts = []
     for name in names:
         fig, ax = plt.subplots(figsize=(5, 2.6))
@@ -189,8 +199,8 @@ def _distribution_plots(reference: pd.DataFrame, current: pd.DataFrame, names: l
             ax.hist(cur.clip(lo, hi), bins=bins, density=True, alpha=0.5, label="current")
             ax.legend()
         ax.set_title(name)
-        parts.append(_png(fig, f"distribution of {name}"))
-    return "".join(parts)
+        parts.append(png(fig, f"distribution of {name}"))
+    return parts
 
 
 def drift_report(
@@ -201,18 +211,10 @@ def drift_report(
     current_name: str,
 ) -> str:
     shown = [f for f in result.features["feature"] if f in FEATURE_COLUMNS][:6]
-    body = (
-        "<h2>PSI per feature</h2>"
-        + _psi_plot(result)
-        + "<h2>Figures</h2>"
-        + table(result.features)
-        + "<h2>The most shifted features</h2>"
-        + _distribution_plots(reference, current, shown)
-    )
     verdict = ", ".join(result.drifted) if result.drifted else "none"
-    return render(
-        "Drift report",
-        [
+    return TEMPLATES.get_template("report_drift.html").render(
+        title="Drift report",
+        intro=[
             ("reference", reference_name),
             ("current", current_name),
             ("reference rows", result.reference_rows),
@@ -220,5 +222,48 @@ def drift_report(
             ("PSI threshold", result.threshold),
             ("drifted", verdict),
         ],
-        body,
+        psi_plot=_psi_plot(result),
+        features=result.features,
+        distributions=_distribution_plots(reference, current, shown),
     )
+
+
+@dataclass
+class DriftCheck:
+    """A comparison and where its outputs went."""
+
+    result: DriftResult
+    report: str | Path  # drift_report.html
+    metrics: CollectorRegistry  # the figures written to drift.prom, for a push
+
+
+def check_and_report(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    names: tuple[str, str],
+    folder: str | Path,
+    batch: str,
+    threshold: float,
+    pipeline: Pipeline | None = None,
+    details: dict[str, Any] | None = None,
+) -> DriftCheck:
+    """Compare ``current`` with ``reference`` (and, with a pipeline, its predicted probabilities)
+    and write drift_report.html, drift.json (the summary plus ``details``) and drift.prom
+    (labelled ``batch``) into ``folder``, a local folder or an fsspec URL.
+
+    ``names`` are the reference's and the current batch's names, as the report shows them.
+    """
+    probabilities = (
+        (backorder_probability(pipeline, reference), backorder_probability(pipeline, current))
+        if pipeline is not None
+        else (None, None)
+    )
+    result = compare(reference, current, threshold, *probabilities)
+    report = write_text_atomic(
+        f"{folder}/drift_report.html", drift_report(result, reference, current, *names)
+    )
+    write_json_atomic(f"{folder}/drift.json", result.summary() | (details or {}))
+    metrics = drift_metrics(result, batch)
+    # Not write_to_textfile: it writes local paths only, and the folder may be an S3 prefix.
+    write_text_atomic(f"{folder}/drift.prom", generate_latest(metrics).decode())
+    return DriftCheck(result, report, metrics)

@@ -25,15 +25,15 @@ import json
 import logging
 import re
 import time
-import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import fsspec.core
 import pandas as pd
+from prometheus_client import CollectorRegistry, Gauge, generate_latest, push_to_gateway
 
 from backorder.config import Settings
 from backorder.data import check_inputs, load_rows
@@ -41,6 +41,10 @@ from backorder.errors import BackorderError, InputFileError, OutputError
 from backorder.io import copy_atomic, write_json_atomic, write_text_atomic
 from backorder.logs import batch_logged, log_context, step_logger
 from backorder.predict import new_batch_id, predict_file
+
+if TYPE_CHECKING:
+    from backorder.drift import DriftCheck
+    from backorder.registry import LoadedModel
 
 log = step_logger("backorder.pipelines")
 
@@ -182,6 +186,15 @@ def validate_batch(root: str, batch_id: str, settings: Settings, kind: str = UNS
     return uri
 
 
+# The kinds of batch each drift policy stops when something drifted.
+DRIFT_BLOCKS: dict[str, set[str]] = {
+    "warn": set(),
+    "block_training": {LABELLED},
+    "block_scoring": {UNSCORED},
+    "block_both": {LABELLED, UNSCORED},
+}
+
+
 @batch_logged
 def check_drift(
     root: str, batch_id: str, settings: Settings, kind: str = UNSCORED, model: str = "champion"
@@ -191,86 +204,92 @@ def check_drift(
     Returns the drift summary (drifted features, report URI). Raises ``DriftBlocked`` when the
     policy blocks this kind of batch and something drifted, after writing the report.
     """
-    from backorder.drift import compare, drift_report, prometheus_text
-    from backorder.model import backorder_probability
-    from backorder.registry import Registry
+    from backorder.drift import check_and_report
 
     landing = Landing(root)
     uri = batch_uri(root, batch_id, kind)
-    registry = Registry(settings)
-    if registry.champion_version() is None and model == "champion":
-        return {"batch_id": batch_id, "checked": False, "why": "no champion yet", "drifted": []}
-    loaded = registry.load(model, with_reference=True)
-    if loaded.reference is None:
-        return {
-            "batch_id": batch_id,
-            "checked": False,
-            "why": f"model v{loaded.version} stores no training reference",
-            "drifted": [],
-        }
+    found = _model_with_reference(settings, model)
+    if isinstance(found, str):
+        return {"batch_id": batch_id, "checked": False, "why": found, "drifted": []}
+    loaded, reference = found
     rows, _, _ = load_rows(uri, settings.read_block_bytes)
     if rows.empty:
         raise InputFileError(f"{uri}: no valid rows to compare")
-    result = compare(
-        loaded.reference,
+    checked = check_and_report(
+        reference,
         rows,
+        (f"training reference of model v{loaded.version}", uri),
+        landing.uri(REPORTS, batch_id),
+        batch_id,
         settings.drift_psi_threshold,
-        backorder_probability(loaded.pipeline, loaded.reference),
-        backorder_probability(loaded.pipeline, rows),
+        loaded.pipeline,
+        {"model_version": loaded.version, "current": uri},
     )
-    folder = landing.uri(REPORTS, batch_id)
-    report = write_text_atomic(
-        f"{folder}/drift_report.html",
-        drift_report(
-            result,
-            loaded.reference,
-            rows,
-            f"training reference of model v{loaded.version}",
-            uri,
-        ),
-    )
-    summary = result.summary() | {"model_version": loaded.version, "current": uri}
-    write_json_atomic(f"{folder}/drift.json", summary)
-    text = prometheus_text(result, batch_id)
-    write_text_atomic(f"{folder}/drift.prom", text)
     # Scored and labelled batches push to groups of their own: one must not replace the other.
-    publish_metrics(landing, "drift" if kind == UNSCORED else "drift_labelled", text, settings)
-    blocks = {
-        "warn": set(),
-        "block_training": {LABELLED},
-        "block_scoring": {UNSCORED},
-        "block_both": {LABELLED, UNSCORED},
-    }[settings.drift_policy]
-    outcome = {
+    job = "drift" if kind == UNSCORED else "drift_labelled"
+    publish_metrics(landing, job, checked.metrics, settings)
+    outcome = _drift_outcome(batch_id, checked, kind, settings)
+    _log_drift(loaded.version, outcome)
+    if outcome["blocked"]:
+        _block_batch(landing, kind, batch_id, uri, outcome)
+        raise DriftBlocked(
+            f"{uri}: drifted from model v{loaded.version}'s training data "
+            f"({', '.join(outcome['drifted'])}); policy {settings.drift_policy}; "
+            f"see {outcome['report']}"
+        )
+    return outcome
+
+
+def _model_with_reference(settings: Settings, model: str) -> tuple[LoadedModel, pd.DataFrame] | str:
+    """The model to compare with and its training reference, or why there is none."""
+    from backorder.registry import Registry
+
+    registry = Registry(settings)
+    if registry.champion_version() is None and model == "champion":
+        return "no champion yet"
+    loaded = registry.load(model, with_reference=True)
+    if loaded.reference is None:
+        return f"model v{loaded.version} stores no training reference"
+    return loaded, loaded.reference
+
+
+def _drift_outcome(
+    batch_id: str, checked: DriftCheck, kind: str, settings: Settings
+) -> dict[str, Any]:
+    result = checked.result
+    return {
         "batch_id": batch_id,
         "checked": True,
         "drifted": result.drifted,
         "max_psi": float(result.features["psi"].max()),
-        "report": str(report),
-        "blocked": bool(result.drifted) and kind in blocks,
+        "report": str(checked.report),
+        "blocked": bool(result.drifted) and kind in DRIFT_BLOCKS[settings.drift_policy],
     }
+
+
+def _log_drift(model_version: str, outcome: dict[str, Any]) -> None:
     log.log(
-        logging.WARNING if result.drifted else logging.INFO,
+        logging.WARNING if outcome["drifted"] else logging.INFO,
         "drift checked",
         extra={
-            "model_version": loaded.version,
-            "drifted": result.drifted,
+            "model_version": model_version,
+            "drifted": outcome["drifted"],
             "max_psi": outcome["max_psi"],
-            "report": str(report),
+            "report": outcome["report"],
         },
     )
-    if outcome["blocked"]:
-        job = SCORING if kind == UNSCORED else TRAINING
-        landing.record(
-            job,
-            batch_id,
-            {"status": "blocked_by_drift", "at": _now(), "drift": outcome, "input": uri},
-        )
-        raise DriftBlocked(
-            f"{uri}: drifted from model v{loaded.version}'s training data "
-            f"({', '.join(result.drifted)}); policy {settings.drift_policy}; see {report}"
-        )
-    return outcome
+
+
+def _block_batch(
+    landing: Landing, kind: str, batch_id: str, uri: str, outcome: dict[str, Any]
+) -> None:
+    """Record the batch as blocked, so its job does not run on it and it stays pending."""
+    job = SCORING if kind == UNSCORED else TRAINING
+    landing.record(
+        job,
+        batch_id,
+        {"status": "blocked_by_drift", "at": _now(), "drift": outcome, "input": uri},
+    )
 
 
 @batch_logged
@@ -324,15 +343,15 @@ def record_scoring(
     return uri
 
 
-def gauges(*figures: tuple[str, str, float | str]) -> str:
-    """(name, help, value) triples as Prometheus text, one gauge each."""
-    lines = []
+def gauges(*figures: tuple[str, str, float]) -> CollectorRegistry:
+    """(name, help, value) triples as a registry of unlabelled gauges, one each."""
+    registry = CollectorRegistry()
     for name, help_text, value in figures:
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
-    return "\n".join(lines) + "\n"
+        Gauge(name, help_text, registry=registry).set(value)
+    return registry
 
 
-def _batch_metrics(scored: dict[str, Any]) -> str:
+def _batch_metrics(scored: dict[str, Any]) -> CollectorRegistry:
     return gauges(
         ("backorder_batch_rows_read", "Rows read from the last scored batch.", scored["read"]),
         ("backorder_batch_rows_scored", "Rows scored in the last scored batch.", scored["scored"]),
@@ -349,25 +368,26 @@ def _batch_metrics(scored: dict[str, Any]) -> str:
         (
             "backorder_batch_last_success_timestamp_seconds",
             "When a batch was last scored.",
-            f"{time.time():.3f}",
+            round(time.time(), 3),
         ),
         ("backorder_batch_duration_seconds", "Time to score the last batch.", scored["seconds"]),
     )
 
 
-def publish_metrics(landing: Landing, job: str, text: str, settings: Settings) -> None:
+def publish_metrics(
+    landing: Landing, job: str, metrics: CollectorRegistry, settings: Settings
+) -> None:
     """Keep the job's last figures under metrics/ and push them to a Pushgateway if set."""
-    write_text_atomic(landing.uri(METRICS, f"{job}.prom"), text)
+    # Not write_to_textfile: it writes local paths only, and the landing may be an S3 prefix.
+    write_text_atomic(landing.uri(METRICS, f"{job}.prom"), generate_latest(metrics).decode())
     if settings.pushgateway_url:
-        request = urllib.request.Request(
-            f"{settings.pushgateway_url.rstrip('/')}/metrics/job/backorder_{job}",
-            data=text.encode(),
-            method="PUT",
-            headers={"Content-Type": "text/plain; version=0.0.4"},
-        )
         try:
-            with urllib.request.urlopen(request, timeout=10):
-                pass
+            push_to_gateway(
+                settings.pushgateway_url.rstrip("/"),
+                job=f"backorder_{job}",
+                registry=metrics,
+                timeout=10,
+            )
         except OSError as exc:
             raise OutputError(f"{settings.pushgateway_url}: metrics push failed ({exc})") from None
 
@@ -446,11 +466,11 @@ def record_training(
     uri = landing.record(
         TRAINING, decided["run"], {"status": "trained", "at": _now(), **decided, "drift": drift}
     )
-    text = gauges(
+    metrics = gauges(
         (
             "backorder_training_last_success_timestamp_seconds",
             "When training last finished.",
-            f"{time.time():.3f}",
+            round(time.time(), 3),
         ),
         (
             "backorder_training_promoted",
@@ -458,7 +478,7 @@ def record_training(
             int(decided["promoted"]),
         ),
     )
-    publish_metrics(landing, "training", text, settings)
+    publish_metrics(landing, "training", metrics, settings)
     return uri
 
 

@@ -1,16 +1,20 @@
-"""Self-contained HTML reports: every plot is an inline PNG, no external assets."""
+"""Self-contained HTML reports: every plot is an inline PNG, no external assets.
+
+The pages are Jinja2 templates (templates/report*.html, autoescaped); the plots are matplotlib.
+"""
 
 from __future__ import annotations
 
 import base64
-import html
 import io
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import matplotlib
 
 matplotlib.use("Agg")
+import jinja2
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -22,30 +26,23 @@ from backorder.model import classifier_of
 # Rows used for the mean-|contribution| plot: contributions cost several times a prediction.
 CONTRIBUTION_SAMPLE = 2_000
 
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;
-max-width:1100px;color:#1d2330;line-height:1.45}
-h1{font-size:1.6rem}
-h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #dde;padding-bottom:.2rem}
-table{border-collapse:collapse;margin:.6rem 0;font-size:.9rem}
-td,th{border:1px solid #dde;padding:.25rem .55rem;text-align:right}
-th{background:#f3f5fa}td:first-child,th:first-child{text-align:left}
-.grid{display:grid;grid-template-columns:1fr 1fr;gap:1rem}.grid img{width:100%}
-.note{color:#556;font-size:.9rem}.kpi{display:flex;gap:1rem;flex-wrap:wrap}
-.kpi div{background:#f3f5fa;border-radius:6px;padding:.6rem 1rem}
-.kpi b{display:block;font-size:1.3rem}
-"""
+
+class Plot(NamedTuple):
+    """A rendered figure, inlined into a report as a PNG data URI."""
+
+    alt: str
+    png_base64: str
 
 
-def _png(fig: plt.Figure, alt: str) -> str:
+def png(fig: plt.Figure, alt: str) -> Plot:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
+    return Plot(alt, base64.b64encode(buffer.getvalue()).decode("ascii"))
 
 
-def _fmt(value: Any) -> str:
+def figure(value: Any) -> str:
+    """One table cell or figure as people read it (the templates escape it)."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "–"
     if isinstance(value, bool):
@@ -55,23 +52,34 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float | np.floating):
         number = float(value)
         return f"{number:,.4f}" if abs(number) < 1000 else f"{number:,.0f}"
-    return html.escape(str(value))
+    return str(value)
+
+
+TEMPLATES = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+TEMPLATES.filters["figure"] = figure
+
+
+def _macro(name: str) -> Callable[..., Any]:
+    """A macro of templates/report_macros.html, to call from Python."""
+    macro: Callable[..., Any] = getattr(TEMPLATES.get_template("report_macros.html").module, name)
+    return macro
 
 
 def table(frame: pd.DataFrame) -> str:
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>"
-        for row in frame.itertuples(index=False)
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return str(_macro("table")(frame))
 
 
 def key_values(pairs: Iterable[tuple[str, Any]]) -> str:
-    return table(pd.DataFrame(list(pairs), columns=["", "value"]))
+    return str(_macro("key_values")(list(pairs)))
 
 
-def _roc_plot(ev: Evaluation, rows: pd.DataFrame) -> str:
+def _roc_plot(ev: Evaluation, rows: pd.DataFrame) -> Plot:
     c = curves(ev.y, ev.probability)
     fig, ax = plt.subplots(figsize=(5, 4.2))
     ax.plot(c["fpr"], c["tpr"], label=f"model (AUC {ev.metrics['roc_auc']:.3f})")
@@ -87,10 +95,10 @@ def _roc_plot(ev: Evaluation, rows: pd.DataFrame) -> str:
     ax.plot([0, 1], [0, 1], ls=":", color="grey", label="chance")
     ax.set(xlabel="false-alarm rate", ylabel="share of backorders caught", title="ROC")
     ax.legend(loc="lower right")
-    return _png(fig, "ROC curve")
+    return png(fig, "ROC curve")
 
 
-def _pr_plot(ev: Evaluation) -> str:
+def _pr_plot(ev: Evaluation) -> Plot:
     c = curves(ev.y, ev.probability)
     fig, ax = plt.subplots(figsize=(5, 4.2))
     ax.plot(c["recall"], c["precision"], label=f"model (AP {ev.metrics['average_precision']:.3f})")
@@ -106,10 +114,10 @@ def _pr_plot(ev: Evaluation) -> str:
         )
     ax.set(xlabel="recall", ylabel="precision", title="Precision–recall", ylim=(0, 1.02))
     ax.legend(loc="upper right")
-    return _png(fig, "Precision-recall curve")
+    return png(fig, "Precision-recall curve")
 
 
-def _reliability_plot(ev: Evaluation) -> str:
+def _reliability_plot(ev: Evaluation) -> Plot:
     rel = ev.reliability
     fig, ax = plt.subplots(figsize=(5, 4.2))
     ax.plot([1e-4, 1], [1e-4, 1], ls=":", color="grey", label="perfect calibration")
@@ -128,10 +136,10 @@ def _reliability_plot(ev: Evaluation) -> str:
         title="Reliability",
     )
     ax.legend(loc="upper left")
-    return _png(fig, "Reliability curve (calibration)")
+    return png(fig, "Reliability curve (calibration)")
 
 
-def _cost_plot(ev: Evaluation) -> str:
+def _cost_plot(ev: Evaluation) -> Plot:
     cc = ev.cost_curve
     fig, ax = plt.subplots(figsize=(5, 4.2))
     ax.plot(cc["threshold"], cc["cost"], label="model")
@@ -142,15 +150,15 @@ def _cost_plot(ev: Evaluation) -> str:
     ax.axvline(ev.metrics["threshold"], ls=":", color="black", label="chosen threshold")
     ax.set(xscale="log", xlabel="threshold", ylabel="expected cost", title="Cost vs threshold")
     ax.legend(loc="upper right", fontsize=8)
-    return _png(fig, "Cost vs threshold")
+    return png(fig, "Cost vs threshold")
 
 
-def _importance_plot(importance: pd.Series, title: str) -> str:
+def _importance_plot(importance: pd.Series, title: str) -> Plot:
     top = importance.head(20)[::-1]
     fig, ax = plt.subplots(figsize=(5, 5.5))
     ax.barh(top.index, top.to_numpy() / max(top.sum(), 1e-12))
     ax.set(xlabel="share of total", title=title)
-    return _png(fig, title)
+    return png(fig, title)
 
 
 def mean_abs_contribution(pipeline: Pipeline, rows: pd.DataFrame) -> pd.Series:
@@ -166,19 +174,16 @@ def evaluation_sections(ev: Evaluation, rows: pd.DataFrame, pipeline: Pipeline) 
     m = ev.metrics
     importance = classifier_of(pipeline).feature_importance()
     contribution = mean_abs_contribution(pipeline, rows)
-    kpis = "".join(
-        f"<div>{label}<b>{_fmt(value)}</b></div>"
-        for label, value in [
-            ("ROC AUC", m["roc_auc"]),
-            ("average precision", m["average_precision"]),
-            ("recall at threshold", m["recall"]),
-            ("precision at threshold", m["precision"]),
-            (
-                "expected / actual backorders",
-                f"{m['expected_backorders']:,.0f} / {m['actual_backorders']:,}",
-            ),
-        ]
-    )
+    kpis = [
+        ("ROC AUC", m["roc_auc"]),
+        ("average precision", m["average_precision"]),
+        ("recall at threshold", m["recall"]),
+        ("precision at threshold", m["precision"]),
+        (
+            "expected / actual backorders",
+            f"{m['expected_backorders']:,.0f} / {m['actual_backorders']:,}",
+        ),
+    ]
     budgets = pd.DataFrame(
         [
             {
@@ -212,36 +217,24 @@ def evaluation_sections(ev: Evaluation, rows: pd.DataFrame, pipeline: Pipeline) 
             ],
         ]
     )
-    importance_plots = _importance_plot(importance, "Feature importance (gain)")
-    importance_plots += _importance_plot(
-        contribution, f"Mean |contribution| to log-odds ({CONTRIBUTION_SAMPLE:,}-row sample)"
+    drivers = [
+        _importance_plot(importance, "Feature importance (gain)"),
+        _importance_plot(
+            contribution, f"Mean |contribution| to log-odds ({CONTRIBUTION_SAMPLE:,}-row sample)"
+        ),
+    ]
+    return TEMPLATES.get_template("report_evaluation.html").render(
+        m=m,
+        kpis=kpis,
+        baselines=baselines,
+        budgets=budgets,
+        curves=[_roc_plot(ev, rows), _pr_plot(ev), _reliability_plot(ev), _cost_plot(ev)],
+        reliability=ev.reliability,
+        drivers=drivers,
+        segments=ev.segments,
     )
-    return f"""
-<div class="kpi">{kpis}</div>
-<h2>Decision and alert budgets</h2>
-<p class="note">Costs: a missed backorder costs {m["cost_missed_backorder"]:g}, a false alarm
-{m["cost_false_alarm"]:g}. The threshold minimises their expected total on validation data.</p>
-{table(baselines)}
-{table(budgets)}
-<h2>Curves</h2>
-<div class="grid">{_roc_plot(ev, rows)}{_pr_plot(ev)}{_reliability_plot(ev)}{_cost_plot(ev)}</div>
-<h2>Calibration</h2>
-<p class="note">Brier {_fmt(m["brier"])}, log loss {_fmt(m["log_loss"])}. Sum of probabilities
-{m["expected_backorders"]:,.1f} against {m["actual_backorders"]:,} actual backorders.</p>
-{table(ev.reliability)}
-<h2>What drives the model</h2>
-<div class="grid">{importance_plots}</div>
-<h2>Segments</h2>
-{table(ev.segments)}
-"""
 
 
 def render(title: str, intro_pairs: list[tuple[str, Any]], body: str) -> str:
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>{CSS}</style></head><body>
-<h1>{html.escape(title)}</h1>
-{key_values(intro_pairs)}
-{body}
-</body></html>
-"""
+    """A report page: ``title``, a key-value table of ``intro_pairs``, then ``body`` (HTML)."""
+    return TEMPLATES.get_template("report.html").render(title=title, intro=intro_pairs, body=body)
