@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, SAMPLE
 
 
+@pytest.mark.slow
 def test_quality_bench_compares_models_on_the_same_folds(tmp_path: Path) -> None:
     table = tmp_path / "quality.json"
     result = subprocess.run(

