@@ -192,7 +192,6 @@ def check_drift(
     policy blocks this kind of batch and something drifted, after writing the report.
     """
     from backorder.drift import compare, drift_report, prometheus_text
-    from backorder.model import backorder_probability
     from backorder.registry import Registry
 
     landing = Landing(root)
@@ -215,8 +214,8 @@ def check_drift(
         loaded.reference,
         rows,
         settings.drift_psi_threshold,
-        backorder_probability(loaded.pipeline, loaded.reference),
-        backorder_probability(loaded.pipeline, rows),
+        loaded.probability(loaded.reference),
+        loaded.probability(rows),
     )
     folder = landing.uri(REPORTS, batch_id)
     report = write_text_atomic(
@@ -282,9 +281,7 @@ def score_batch(
 
     landing = Landing(root)
     uri = batch_uri(root, batch_id)
-    loaded = Registry(settings).load(
-        model, settings.scoring_base_rate, compiled=settings.compiled_trees
-    )
+    loaded = Registry(settings).load_for_scoring(model)
     started = time.perf_counter()
     summary = predict_file(
         uri,

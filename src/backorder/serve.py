@@ -57,7 +57,6 @@ from backorder.contract import COLUMNS, FEATURE_COLUMNS, SKU
 from backorder.errors import BackorderError, ModelNotFoundError
 from backorder.explain import PLANNER_LABELS
 from backorder.logs import configure_json, json_log_config, log_context
-from backorder.model import classifier_of
 from backorder.predict import predict_file, score_with_reasons
 from backorder.registry import LoadedModel, Registry
 
@@ -169,12 +168,7 @@ class ModelHolder:
                 return False
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", CompiledTreesUnavailable)
-                model = registry.load(
-                    version,
-                    base_rate=self.settings.scoring_base_rate,
-                    compiled=self.settings.compiled_trees,
-                    say=log.info,
-                )
+                model = registry.load_for_scoring(version, say=log.info)
             for warning in caught:
                 log.warning(str(warning.message), extra={"model_version": version})
             warm = records_frame([SkuRecord(**FORM_DEFAULTS)])
@@ -185,7 +179,7 @@ class ModelHolder:
             {
                 "version": model.version,
                 "ref": self.ref,
-                "scoring_engine": classifier_of(model.pipeline).scoring_engine,
+                "scoring_engine": model.scoring_engine,
             }
         )
         self.metrics.model_loaded.set(time.time())
@@ -418,17 +412,16 @@ def create_app(settings: Settings, model_ref: str = "champion") -> FastAPI:
     def model_info() -> ModelInfo:
         """The serving model: version, training time, metrics, threshold and features."""
         model = holder.require()
-        clf = classifier_of(model.pipeline)
         return ModelInfo(
             name=settings.model_name,
             version=model.version,
             aliases=model.aliases,
             trained_at=model.metadata.get("trained_at"),
-            threshold=clf.decision_threshold_,
-            training_base_rate=clf.training_base_rate_,
+            threshold=model.threshold,
+            training_base_rate=model.classifier.training_base_rate_,
             scoring_base_rate=settings.scoring_base_rate,
-            features=[str(f) for f in clf.feature_names_in_],
-            scoring_engine=clf.scoring_engine,
+            features=model.feature_names,
+            scoring_engine=model.scoring_engine,
             validation=model.metadata.get("validation"),
             holdout=model.metadata.get("holdout"),
         )
@@ -462,7 +455,7 @@ def create_app(settings: Settings, model_ref: str = "champion") -> FastAPI:
         base = {
             "fields": _form_fields(context.get("values") or FORM_DEFAULTS),
             "model_version": model.version if model else None,
-            "threshold": classifier_of(model.pipeline).decision_threshold_ if model else None,
+            "threshold": model.threshold if model else None,
             "upload_limit_mb": UPLOAD_LIMIT >> 20,
         }
         return templates.TemplateResponse(request, "index.html", base | context, status_code=status)
