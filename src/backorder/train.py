@@ -244,19 +244,21 @@ def register_trained(
     output_dir.mkdir(parents=True, exist_ok=True)
     # Always written, even empty, so that a re-run never leaves an earlier run's rejects behind.
     rejects_file = write_table_atomic(output_dir / "rejects.csv", data.rejects)
-    metrics_doc = {
-        "validation": _with_tables(validation),
-        "holdout": _with_tables(holdout_eval) if holdout_eval else None,
-        "champion_on_holdout": champion_holdout,
-        "promotion": asdict(decision),
-        "data": {
-            "sources": [asdict(s) for s in data.sources],
-            "fingerprint": fingerprint,
-            "warnings": dict(data.warnings),
+    metrics_file = write_json_atomic(
+        output_dir / "metrics.json",
+        {
+            "validation": _with_tables(validation),
+            "holdout": _with_tables(holdout_eval) if holdout_eval else None,
+            "champion_on_holdout": champion_holdout,
+            "promotion": asdict(decision),
+            "data": {
+                "sources": [asdict(s) for s in data.sources],
+                "fingerprint": fingerprint,
+                "warnings": dict(data.warnings),
+            },
+            "model": _model_facts(model.classifier, fitted.fit_seconds),
         },
-        "model": _model_facts(model.classifier, fitted.fit_seconds),
-    }
-    metrics_file = write_json_atomic(output_dir / "metrics.json", metrics_doc)
+    )
 
     # The report names the version, so register first, then write and attach the report.
     run_id, version = _log_run(
