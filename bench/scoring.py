@@ -143,15 +143,15 @@ def _score_batches(path: Path, out: Path, score: Any) -> tuple[int, float]:
 
 def job_model(path: Path, out: Path, home: Path, engine: str, **_: Any) -> tuple[int, float]:
     from backorder.config import load_settings
-    from backorder.model import classifier_of
     from backorder.registry import Registry
 
     settings = load_settings(None, home=home)
     model = Registry(settings).load("champion", compiled=engine == "compiled")
-    clf = classifier_of(model.pipeline)
-    assert clf.scoring_engine == engine, clf.scoring_engine
-    names = [str(n) for n in clf.feature_names_in_]
-    return _score_batches(path, out, lambda batch: clf.probability(_features(batch, names)))
+    assert model.scoring_engine == engine, model.scoring_engine
+    names = model.feature_names
+    return _score_batches(
+        path, out, lambda batch: model.probability_of_features(_features(batch, names))
+    )
 
 
 def job_seed_rf(path: Path, out: Path, rf_model: Path, **_: Any) -> tuple[int, float]:

@@ -90,15 +90,14 @@ def train(home: Path) -> str:
 def floor(home: Path, n: int) -> dict[str, float]:
     from backorder.api_schema import SkuRecord, records_frame
     from backorder.config import load_settings
-    from backorder.model import classifier_of
     from backorder.predict import score_with_reasons
     from backorder.registry import Registry
 
     settings = load_settings(None, home=home)
     model = Registry(settings).load("champion")
-    booster = classifier_of(model.pipeline).booster_
+    booster = model.classifier.booster_
     rows = records_frame([SkuRecord(**RECORD)])
-    features = model.pipeline.steps[0][1].transform(rows).to_numpy()
+    features = model.features(rows).to_numpy()
     call, bare = [], []
     for _ in range(n):
         t = time.perf_counter()

@@ -16,7 +16,6 @@ from backorder.api_schema import SkuRecord, records_frame
 from backorder.compiled import CompiledTreesUnavailable
 from backorder.config import Settings
 from backorder.data import load_rows
-from backorder.model import classifier_of
 from backorder.predict import predict_file
 from backorder.registry import Registry
 from backorder.web import FORM_DEFAULTS, create_app
@@ -34,12 +33,12 @@ def test_compiled_probabilities_equal_lightgbm_and_are_cached(trained_settings: 
     said: list[str] = []
     compiled = registry.load("champion", compiled=True, say=said.append)
     plain = registry.load("champion")
-    assert classifier_of(compiled.pipeline).scoring_engine == "compiled"
-    assert classifier_of(plain.pipeline).scoring_engine == "lightgbm"
+    assert compiled.scoring_engine == "compiled"
+    assert plain.scoring_engine == "lightgbm"
     assert any(m.startswith("compiling") for m in said)
     rows = _rows()
-    p_compiled = compiled.pipeline.predict_proba(rows)[:, 1]
-    p_plain = plain.pipeline.predict_proba(rows)[:, 1]
+    p_compiled = compiled.probability(rows)
+    p_plain = plain.probability(rows)
     assert np.max(np.abs(p_compiled - p_plain)) <= 1e-9
     assert p_plain.std() > 0  # a real spread of scores, not one constant
 
@@ -60,7 +59,7 @@ def test_without_lleaves_scoring_falls_back_with_one_warning(
         model = Registry(trained_settings).load("champion", compiled=True)
     ours = [w for w in caught if issubclass(w.category, CompiledTreesUnavailable)]
     assert len(ours) == 1 and "scoring with LightGBM" in str(ours[0].message)
-    assert classifier_of(model.pipeline).scoring_engine == "lightgbm"
+    assert model.scoring_engine == "lightgbm"
     summary = predict_file(
         SAMPLE / "new_batch.csv.gz", tmp_path / "p.parquet", model, trained_settings
     )

@@ -13,7 +13,6 @@ from backorder.config import Settings
 from backorder.dask_engine import predict_partitioned, train_partitioned
 from backorder.data import load_labelled
 from backorder.errors import BackorderError
-from backorder.model import backorder_probability, classifier_of
 from backorder.predict import predict_file
 from backorder.registry import Registry
 from backorder.train import holdout_mask
@@ -123,10 +122,10 @@ def test_dask_training_registers_a_calibrated_model_with_the_local_holdout(
     assert outcome.promoted and outcome.version == "1"
     loaded = Registry(settings).load("champion", with_reference=True)
     assert loaded.reference is not None
-    p = backorder_probability(loaded.pipeline, local)
+    p = loaded.probability(local)
     assert 0.5 * base_rate < p.mean() < 2 * base_rate
     metrics = json.loads(outcome.metrics_file.read_text())
-    assert metrics["model"]["trees"] == classifier_of(loaded.pipeline).n_trees_
+    assert metrics["model"]["trees"] == loaded.classifier.n_trees_
 
 
 def test_cli_train_dask_needs_one_partitioned_folder(tmp_path: Path) -> None:

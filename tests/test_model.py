@@ -14,9 +14,8 @@ from backorder.contract import FEATURE_COLUMNS, LABEL
 from backorder.data import load_labelled
 from backorder.features import DERIVED_FEATURES, InventoryFeatures
 from backorder.model import (
-    backorder_probability,
+    Scorer,
     build_pipeline,
-    classifier_of,
     cost_minimising_threshold,
     load_pipeline,
     save_pipeline,
@@ -48,14 +47,14 @@ def test_out_of_fold_probabilities_are_honest(
     mean a row's own label leaked into its prediction."""
     rows, y = sample
     shuffled = np.random.default_rng(0).permutation(y)
-    clf = classifier_of(build_pipeline(settings).fit(rows, shuffled))
+    clf = Scorer(build_pipeline(settings).fit(rows, shuffled)).classifier
     assert abs(roc_auc_score(shuffled, clf.oof_probability_) - 0.5) < 0.06
 
 
 def test_real_labels_are_learnt(fitted, sample) -> None:
     pipeline, _ = fitted
     _, y = sample
-    clf = classifier_of(pipeline)
+    clf = Scorer(pipeline).classifier
     assert roc_auc_score(y, clf.oof_probability_) > 0.85
     assert len(clf.best_iterations_) == 3
 
@@ -63,7 +62,7 @@ def test_real_labels_are_learnt(fitted, sample) -> None:
 def test_calibration_matches_the_base_rate(fitted, sample) -> None:
     pipeline, _ = fitted
     _, y = sample
-    oof = classifier_of(pipeline).oof_probability_
+    oof = Scorer(pipeline).classifier.oof_probability_
     # Platt scaling fits the mean exactly on the rows it was fitted on (within optimiser tolerance).
     assert oof.sum() == pytest.approx(y.sum(), rel=0.02)
 
@@ -71,7 +70,7 @@ def test_calibration_matches_the_base_rate(fitted, sample) -> None:
 def test_threshold_minimises_cost_on_out_of_fold_predictions(fitted, sample) -> None:
     pipeline, settings = fitted
     _, y = sample
-    clf = classifier_of(pipeline)
+    clf = Scorer(pipeline).classifier
     p = clf.oof_probability_
 
     def cost(t: float) -> float:
@@ -105,11 +104,11 @@ def test_contributions_add_up_to_the_probability(fitted, sample, method: str) ->
     pipeline, _ = fitted
     rows, _ = sample
     head = rows.head(500)
-    features = pipeline.steps[0][1].transform(head)
-    contributions = classifier_of(pipeline).contributions(features, method)
+    model = Scorer(pipeline)
+    contributions = model.contributions(model.features(head), method)
     log_odds = contributions.to_numpy().sum(axis=1)
     np.testing.assert_allclose(
-        1 / (1 + np.exp(-log_odds)), backorder_probability(pipeline, head), rtol=1e-9, atol=1e-12
+        1 / (1 + np.exp(-log_odds)), model.probability(head), rtol=1e-9, atol=1e-12
     )
 
 
@@ -117,12 +116,12 @@ def test_path_attributions_credit_only_features_on_the_path(fitted, sample) -> N
     """A feature no tree splits on gets exactly zero; the busiest features get the most."""
     pipeline, _ = fitted
     rows, _ = sample
-    clf = classifier_of(pipeline)
-    features = pipeline.steps[0][1].transform(rows.head(2000))
-    path = clf.contributions(features).drop(columns="baseline")
-    used = clf.booster_.feature_importance("split") > 0
+    model = Scorer(pipeline)
+    features = model.features(rows.head(2000))
+    path = model.contributions(features).drop(columns="baseline")
+    used = model.classifier.booster_.feature_importance("split") > 0
     assert (path.loc[:, ~used].to_numpy() == 0).all()
-    shap = clf.contributions(features, "shap").drop(columns="baseline")
+    shap = model.contributions(features, "shap").drop(columns="baseline")
     # Both methods agree on which features matter overall, if not row by row.
     top_path = set(path.abs().mean().nlargest(5).index)
     top_shap = set(shap.abs().mean().nlargest(5).index)
@@ -137,9 +136,9 @@ def test_saved_artifact_scores_identically(fitted, sample, tmp_path: Path) -> No
     loaded, metadata = load_pipeline(tmp_path / "model")
     assert metadata == {"note": "test"}
     np.testing.assert_array_equal(
-        backorder_probability(loaded, rows), backorder_probability(pipeline, rows)
+        Scorer(loaded).probability(rows), Scorer(pipeline).probability(rows)
     )
-    assert classifier_of(loaded).decision_threshold_ == classifier_of(pipeline).decision_threshold_
+    assert Scorer(loaded).threshold == Scorer(pipeline).threshold
 
 
 def test_artifacts_of_earlier_versions_still_load(fitted, sample, tmp_path: Path) -> None:
@@ -151,14 +150,13 @@ def test_artifacts_of_earlier_versions_still_load(fitted, sample, tmp_path: Path
     save_pipeline(pipeline, tmp_path / "old", {"training_rows": len(y), "training_positives": 9})
     spec_path = tmp_path / "old" / "model.json"
     spec = json.loads(spec_path.read_text())
+    spec["format"] = "backorder-pipeline/1"
     spec["features"]["derived"] = None
     del spec["classifier"]["training_base_rate"]
     spec_path.write_text(json.dumps(spec))
     loaded, _ = load_pipeline(tmp_path / "old")
-    np.testing.assert_allclose(
-        backorder_probability(loaded, rows), backorder_probability(pipeline, rows)
-    )
-    assert classifier_of(loaded).training_base_rate_ == pytest.approx(9 / len(y))
+    np.testing.assert_allclose(Scorer(loaded).probability(rows), Scorer(pipeline).probability(rows))
+    assert Scorer(loaded).classifier.training_base_rate_ == pytest.approx(9 / len(y))
 
 
 def test_features_are_stateless_and_finite(sample) -> None:
@@ -221,7 +219,7 @@ def test_too_few_backorders_is_a_clear_error(sample, settings: Settings) -> None
 
 def test_label_column_is_not_a_feature(fitted) -> None:
     pipeline, _ = fitted
-    assert LABEL not in classifier_of(pipeline).feature_names_in_
+    assert LABEL not in Scorer(pipeline).feature_names
 
 
 def test_reasons_rank_by_absolute_contribution_and_read_as_sentences() -> None:
@@ -258,15 +256,12 @@ def test_base_rate_adjustment_moves_the_expected_count_not_the_ranking(fitted, s
     amount, so the expected count rises and the ranking (AUC, AP) does not move."""
     pipeline, _ = fitted
     rows, y = sample
-    clf = classifier_of(pipeline)
-    assert clf.training_base_rate_ == pytest.approx(y.mean())
-    before = backorder_probability(pipeline, rows)
-    clf.adjust_to_base_rate(2 * y.mean())
-    try:
-        after = backorder_probability(pipeline, rows)
-        contributions = clf.contributions(pipeline.steps[0][1].transform(rows.head(20)))
-    finally:
-        clf.adjust_to_base_rate(None)
+    trained = Scorer(pipeline)
+    assert trained.classifier.training_base_rate_ == pytest.approx(y.mean())
+    before = trained.probability(rows)
+    shifted = Scorer(pipeline, base_rate=2 * y.mean())
+    after = shifted.probability(rows)
+    contributions = shifted.contributions(shifted.features(rows.head(20)))
 
     def logit(p: np.ndarray | float) -> np.ndarray:
         return np.log(np.asarray(p) / (1 - np.asarray(p)))
@@ -277,6 +272,6 @@ def test_base_rate_adjustment_moves_the_expected_count_not_the_ranking(fitted, s
     assert (np.diff(after[np.argsort(before, kind="stable")]) >= 0).all()  # same ranking
     log_odds = np.log(after[:20] / (1 - after[:20]))
     np.testing.assert_allclose(contributions.sum(axis=1), log_odds, rtol=1e-6)
-    np.testing.assert_allclose(backorder_probability(pipeline, rows), before)
+    np.testing.assert_allclose(trained.probability(rows), before)  # the pipeline is unchanged
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
-        clf.adjust_to_base_rate(1.5)
+        Scorer(pipeline, base_rate=1.5)

@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -86,6 +87,8 @@ def _main(
     _log_format["json"] = log_format is LogFormat.json
     if _log_format["json"]:
         configure_json()
+    else:
+        _configure_text()
 
 
 def _one_line_warning(message: Any, *_args: Any, **_kwargs: Any) -> None:
@@ -131,6 +134,31 @@ def _say(message: str) -> None:
         log.info(message)
         return
     err.print(f"[dim]{datetime.now(UTC):%H:%M:%S}[/] {message}", highlight=False)
+
+
+class _TextHandler(logging.Handler):
+    """Progress the library logs (INFO) printed as ``_say`` prints it; warnings and errors as
+    Python's last-resort handler would (the message alone), since this handler replaces it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.levelno == logging.INFO:
+                when = datetime.fromtimestamp(record.created, UTC)
+                err.print(f"[dim]{when:%H:%M:%S}[/] {escape(message)}", highlight=False)
+            else:
+                err.print(message, highlight=False, markup=False)
+        except Exception:
+            self.handleError(record)
+
+
+def _configure_text() -> None:
+    """INFO records of the ``backorder`` loggers on stderr as timestamped text lines."""
+    logger = logging.getLogger("backorder")
+    for handler in [h for h in logger.handlers if isinstance(h, _TextHandler)]:
+        logger.removeHandler(handler)  # one handler, however many commands run in a process
+    logger.addHandler(_TextHandler(logging.INFO))
+    logger.setLevel(logging.INFO)
 
 
 @contextmanager
@@ -319,7 +347,6 @@ def predict(
     """Score a batch: every row is scored or written to the rejects with its reason."""
     from backorder.data import check_inputs
     from backorder.databases import with_table
-    from backorder.model import classifier_of
     from backorder.predict import predict_file
     from backorder.registry import Registry
 
@@ -349,13 +376,9 @@ def predict(
     _guard(
         lambda: check_inputs([source], require_label=False, block_bytes=settings.read_block_bytes)
     )
-    loaded = _guard(
-        lambda: Registry(settings).load(
-            model, settings.scoring_base_rate, compiled=settings.compiled_trees, say=_say
-        )
-    )
+    loaded = _guard(lambda: Registry(settings).load_for_scoring(model, say=_say))
     bind(model_version=loaded.version)
-    engine_used = classifier_of(loaded.pipeline).scoring_engine
+    engine_used = loaded.scoring_engine
     _say(f"scoring {source} with model v{loaded.version} ({engine_used} trees)")
     with _reading_progress() as on_chunk:
         summary = _guard(
@@ -395,9 +418,7 @@ def drift(
     for name, rows in ((reference, ref_rows), (current, cur_rows)):
         if rows.empty:
             _fail(f"{name}: no valid rows to compare", 2)
-    pipeline = (
-        _guard(lambda: Registry(settings).load(model)).pipeline if model is not None else None
-    )
+    scorer = _guard(lambda: Registry(settings).load(model)) if model is not None else None
     details = {
         "reference": reference,
         "current": current,
@@ -412,7 +433,7 @@ def drift(
             output,
             Path(current).name,
             settings.drift_psi_threshold,
-            pipeline,
+            scorer,
             details,
         )
     )

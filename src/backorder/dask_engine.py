@@ -73,9 +73,7 @@ def score_partition(
     key = (settings.resolved_tracking_uri, model_ref, settings.compiled_trees)
     model = _models.get(key)
     if model is None:
-        model = Registry(settings).load(
-            model_ref, settings.scoring_base_rate, compiled=settings.compiled_trees
-        )
+        model = Registry(settings).load_for_scoring(model_ref)
         _models[key] = model
     started = time.perf_counter()
     summary = predict_file(
@@ -142,7 +140,7 @@ def predict_partitioned(
     # champion is promoted mid-run; compile (and cache) it here once rather than per worker.
     registry = Registry(settings)
     version = registry.resolve(model_ref)
-    loaded = registry.load(version, compiled=settings.compiled_trees, say=say)
+    loaded = registry.load_for_scoring(version, say=say)
     say(f"scoring {len(files)} partition(s) with model v{loaded.version} on Dask")
     settings_json = settings.model_dump_json()
     results: list[dict[str, Any]] = []
@@ -256,55 +254,29 @@ def train_partitioned(
     - Platt calibration and the cost-minimising threshold are fitted on the calibration
       slice, which the booster never saw; the holdout then decides promotion, as in ``train``.
     """
-    import hashlib
-    from collections import Counter
     from datetime import UTC, datetime
 
     import numpy as np
-    import pandas as pd
-    from sklearn.linear_model import LogisticRegression
 
     from backorder.contract import FEATURE_COLUMNS, LABEL
-    from backorder.data import LabelledData
-    from backorder.model import build_pipeline, classifier_of, cost_minimising_threshold
+    from backorder.model import build_pipeline
     from backorder.train import Fitted, register_trained
 
     started = datetime.now(UTC)
     output_dir = output_dir or settings.home / "runs" / f"train-{started:%Y%m%dT%H%M%SZ}"
     files = partitions(input_uri)
-    settings_json = settings.model_dump_json()
-    per_partition = max(1, -(-settings.dask_sample_rows // len(files)))
     say(f"training on {len(files)} partition(s) with lightgbm.dask")
     with dask_client(scheduler, workers) as client:
-        import dask.dataframe as dd
-        from lightgbm.dask import DaskLGBMClassifier
-
-        prepared = client.map(
-            prepare_partition,
-            files,
-            settings_json=settings_json,
-            sample_rows=per_partition,
-            pure=False,
-        )
-        small = client.gather(
-            [
-                client.submit(
-                    lambda p: {k: v for k, v in p.items() if k != TRAIN}, part, pure=False
-                )
-                for part in prepared
-            ]
-        )
+        prepared, small = _prepare_partitions(client, files, settings)
         for part in small:
             src = part["source"]
             say(
                 f"{src.uri}: read {src.read:,}, accepted {src.accepted:,}, "
                 f"rejected {src.rejected:,}"
             )
-        sample = pd.concat([p["sample"] for p in small], ignore_index=True)
-        calibration = pd.concat([p[CALIBRATION] for p in small], ignore_index=True)
-        holdout = pd.concat([p[HOLDOUT] for p in small], ignore_index=True)
-        train_parts = [client.submit(lambda p: p[TRAIN], part, pure=False) for part in prepared]
-        train = dd.from_delayed(train_parts, verify_meta=False)
+        sample, calibration, holdout = (
+            _concat(small, key) for key in ("sample", CALIBRATION, HOLDOUT)
+        )
         n_train = sum(p["train_rows"] for p in small)
         positives = sum(p["train_positives"] for p in small)
         if sample[LABEL].sum() < 2 or calibration[LABEL].sum() < 2:
@@ -315,64 +287,22 @@ def train_partitioned(
             )
 
         fit_started = time.perf_counter()
-        pipeline = build_pipeline(settings, progress=say)
-        features, clf = pipeline.steps[0][1], classifier_of(pipeline)
+        pipeline = build_pipeline(settings)
+        features, clf = pipeline[0], pipeline[-1]
         features.fit(sample)
-        x_sample = features.transform(sample)
-        y_sample = sample[LABEL].to_numpy(dtype=np.int64)
-        probe = clf._fit_booster(x_sample, y_sample, np.arange(len(sample)), settings.random_seed)
-        n_trees = max(1, int(probe.best_iteration or probe.current_iteration()))
+        n_trees = _trees_by_early_stopping(clf, features.transform(sample), sample, settings)
         say(f"early stopping on a {len(sample):,}-row sample: {n_trees} trees")
-
-        params = {k: v for k, v in clf._lgb_params().items() if k != "num_threads"}
         say(f"fitting {n_trees} trees on {n_train:,} rows across the cluster")
-        distributed = DaskLGBMClassifier(client=client, n_estimators=n_trees, **params)
-        with warnings.catch_warnings():
-            # lightgbm.dask sets threads per worker itself and says so about n_jobs; expected.
-            warnings.filterwarnings("ignore", message="Parameter n_jobs will be ignored")
-            distributed.fit(train[list(features.feature_names_out_)], train[LABEL])
-        booster = distributed.to_local().booster_
+        booster = _fit_on_cluster(client, prepared, clf, n_trees, features.feature_names_out_)
 
     # Calibrate on rows the booster never saw, as the local engine does on out-of-fold rows.
     y_cal = calibration[LABEL].to_numpy(dtype=np.int64)
-    raw = np.asarray(booster.predict(features.transform(calibration), raw_score=True))
-    platt = LogisticRegression(C=1e6, max_iter=1000).fit(raw.reshape(-1, 1), y_cal)
-    clf.classes_ = np.array([0, 1])
-    clf.feature_names_in_ = np.asarray(features.feature_names_out_, dtype=object)
-    clf.booster_ = booster
-    clf.calibration_slope_ = float(platt.coef_[0, 0])
-    clf.calibration_intercept_ = float(platt.intercept_[0])
-    clf.training_base_rate_ = positives / n_train
-    clf.base_rate_shift_ = 0.0
-    clf.oof_probability_ = clf.probability_from_raw(raw)
-    clf.decision_threshold_, _ = cost_minimising_threshold(
-        y_cal, clf.oof_probability_, settings.cost_missed_backorder, settings.cost_false_alarm
+    clf.fit_calibration(
+        booster, n_trees, features.transform(calibration), y_cal, positives / n_train
     )
-    clf.best_iterations_ = [n_trees]
-    clf.n_trees_ = n_trees
     fit_seconds = time.perf_counter() - fit_started
-    clf.fit_seconds_ = fit_seconds
     say(f"fitted in {fit_seconds:.1f} s; threshold {clf.decision_threshold_:.4f}")
 
-    sources = [p["source"] for p in small]
-    rejects = [p["rejects"] for p in small if len(p["rejects"])]
-    row_warnings: Counter[str] = Counter()
-    for p in small:
-        row_warnings.update(p["warnings"])
-    data = LabelledData(
-        rows=sample,
-        rejects=pd.concat(rejects, ignore_index=True) if rejects else small[0]["rejects"],
-        sources=sources,
-        warnings=row_warnings,
-    )
-    digest = hashlib.sha256()
-    for p in small:
-        digest.update(p["digest"].encode())
-    fingerprint = {
-        "rows": int(sum(s.accepted for s in sources)),
-        "positives": positives + int(y_cal.sum()) + int(holdout[LABEL].sum()),
-        "sha256": digest.hexdigest(),  # of the partitions' digests, in order
-    }
     return register_trained(
         Fitted(
             pipeline,
@@ -389,14 +319,107 @@ def train_partitioned(
             training_positives=positives,
             params={"engine": "dask", "partitions": len(files), "sample_rows": len(sample)},
         ),
-        holdout,
-        holdout[LABEL].to_numpy(dtype=np.int64),
-        data,
-        fingerprint,
         settings,
-        files,
-        started,
-        output_dir,
-        say,
-        apply_promotion,
+        holdout_rows=holdout,
+        y_holdout=holdout[LABEL].to_numpy(dtype=np.int64),
+        data=_labelled_data(small, sample),
+        fingerprint=_fingerprint(small, positives + int(y_cal.sum()) + int(holdout[LABEL].sum())),
+        uris=files,
+        started=started,
+        output_dir=output_dir,
+        say=say,
+        apply_promotion=apply_promotion,
     )
+
+
+def _prepare_partitions(
+    client: Any, files: list[str], settings: Settings
+) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Start ``prepare_partition`` on every file; return its futures (the training rows stay
+    on the workers) and everything else it returned, gathered to the driver."""
+    per_partition = max(1, -(-settings.dask_sample_rows // len(files)))
+    prepared = client.map(
+        prepare_partition,
+        files,
+        settings_json=settings.model_dump_json(),
+        sample_rows=per_partition,
+        pure=False,
+    )
+    small = client.gather(
+        [
+            client.submit(lambda p: {k: v for k, v in p.items() if k != TRAIN}, part, pure=False)
+            for part in prepared
+        ]
+    )
+    return prepared, small
+
+
+def _concat(small: list[dict[str, Any]], key: str) -> Any:
+    import pandas as pd
+
+    return pd.concat([p[key] for p in small], ignore_index=True)
+
+
+def _trees_by_early_stopping(clf: Any, x_sample: Any, sample: Any, settings: Settings) -> int:
+    """Boosting rounds for the cluster fit: early stopping on the driver's sample."""
+    import numpy as np
+
+    from backorder.contract import LABEL
+
+    y_sample = sample[LABEL].to_numpy(dtype=np.int64)
+    probe = clf.fit_early_stopped(x_sample, y_sample, np.arange(len(sample)), settings.random_seed)
+    return max(1, int(probe.best_iteration or probe.current_iteration()))
+
+
+def _fit_on_cluster(
+    client: Any, prepared: list[Any], clf: Any, n_trees: int, feature_names: list[str]
+) -> Any:
+    """``n_trees`` trees on every training row, with ``lightgbm.dask``; the local booster."""
+    import dask.dataframe as dd
+    from lightgbm.dask import DaskLGBMClassifier
+
+    from backorder.contract import LABEL
+
+    train_parts = [client.submit(lambda p: p[TRAIN], part, pure=False) for part in prepared]
+    train = dd.from_delayed(train_parts, verify_meta=False)
+    params = {k: v for k, v in clf.lightgbm_params().items() if k != "num_threads"}
+    distributed = DaskLGBMClassifier(client=client, n_estimators=n_trees, **params)
+    with warnings.catch_warnings():
+        # lightgbm.dask sets threads per worker itself and says so about n_jobs; expected.
+        warnings.filterwarnings("ignore", message="Parameter n_jobs will be ignored")
+        distributed.fit(train[list(feature_names)], train[LABEL])
+    return distributed.to_local().booster_
+
+
+def _labelled_data(small: list[dict[str, Any]], sample: Any) -> Any:
+    """What ``register_trained`` reports of the inputs: sources, rejects and row warnings."""
+    from collections import Counter
+
+    import pandas as pd
+
+    from backorder.data import LabelledData
+
+    rejects = [p["rejects"] for p in small if len(p["rejects"])]
+    row_warnings: Counter[str] = Counter()
+    for p in small:
+        row_warnings.update(p["warnings"])
+    return LabelledData(
+        rows=sample,
+        rejects=pd.concat(rejects, ignore_index=True) if rejects else small[0]["rejects"],
+        sources=[p["source"] for p in small],
+        warnings=row_warnings,
+    )
+
+
+def _fingerprint(small: list[dict[str, Any]], positives: int) -> dict[str, Any]:
+    """The data fingerprint: accepted rows, backorders, and a digest of the partitions' digests."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for p in small:
+        digest.update(p["digest"].encode())
+    return {
+        "rows": int(sum(p["source"].accepted for p in small)),
+        "positives": positives,
+        "sha256": digest.hexdigest(),  # of the partitions' digests, in order
+    }

@@ -22,11 +22,10 @@ import numpy as np
 import pandas as pd
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from scipy import stats
-from sklearn.pipeline import Pipeline
 
 from backorder.contract import FEATURE_COLUMNS, FLAG_COLUMNS
 from backorder.io import write_json_atomic, write_text_atomic
-from backorder.model import backorder_probability
+from backorder.model import Scorer
 from backorder.report import TEMPLATES, Plot, png
 
 EPSILON = 1e-4  # floor for empty bins, so that PSI stays finite
@@ -244,18 +243,18 @@ def check_and_report(
     folder: str | Path,
     batch: str,
     threshold: float,
-    pipeline: Pipeline | None = None,
+    model: Scorer | None = None,
     details: dict[str, Any] | None = None,
 ) -> DriftCheck:
-    """Compare ``current`` with ``reference`` (and, with a pipeline, its predicted probabilities)
+    """Compare ``current`` with ``reference`` (and, with a model, its predicted probabilities)
     and write drift_report.html, drift.json (the summary plus ``details``) and drift.prom
     (labelled ``batch``) into ``folder``, a local folder or an fsspec URL.
 
     ``names`` are the reference's and the current batch's names, as the report shows them.
     """
     probabilities = (
-        (backorder_probability(pipeline, reference), backorder_probability(pipeline, current))
-        if pipeline is not None
+        (model.probability(reference), model.probability(current))
+        if model is not None
         else (None, None)
     )
     result = compare(reference, current, threshold, *probabilities)

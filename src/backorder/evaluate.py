@@ -13,7 +13,6 @@ from backorder.config import Settings
 from backorder.data import ChunkProgress, check_inputs, load_labelled
 from backorder.io import write_json_atomic, write_table_atomic, write_text_atomic
 from backorder.metrics import evaluate_predictions
-from backorder.model import backorder_probability, classifier_of
 from backorder.registry import CHAMPION, Registry
 from backorder.report import evaluation_sections, render, table
 
@@ -41,13 +40,12 @@ def run_evaluation(
     say(f"evaluating model v{model.version}")
     data = load_labelled(uris, settings.read_block_bytes, on_chunk=on_chunk)
     rows = data.rows
-    clf = classifier_of(model.pipeline)
-    probability = backorder_probability(model.pipeline, rows)
+    probability = model.probability(rows)
     ev = evaluate_predictions(
         rows,
         data.y,
         probability,
-        clf.decision_threshold_,
+        model.threshold,
         settings.cost_missed_backorder,
         settings.cost_false_alarm,
         settings.alert_budgets,
@@ -72,7 +70,7 @@ def run_evaluation(
         ("rows evaluated", f"{len(rows):,}"),
         ("rows rejected", f"{len(data.rejects):,}"),
     ]
-    body = evaluation_sections(ev, rows, model.pipeline)
+    body = evaluation_sections(ev, rows, model)
     if data.warnings:
         body += table(pd.DataFrame(sorted(data.warnings.items()), columns=["warning", "rows"]))
     report = write_text_atomic(

@@ -1,7 +1,8 @@
 """Per-row reasons: which features pushed a SKU's risk up or down, worded for a planner.
 
-Contributions are LightGBM's exact per-row SHAP values (``pred_contrib``), scaled by the
-calibration slope so that they add up to the calibrated log-odds.
+Contributions come from ``Scorer.contributions``: path attributions (Saabas) by default, or
+exact TreeSHAP with ``reason_method: shap``; either way scaled by the calibration slope, so a
+row's contributions add up to its calibrated log-odds.
 """
 
 from __future__ import annotations

@@ -13,8 +13,10 @@ without executing code and read by other tools (for example to compile the trees
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +33,14 @@ from backorder.contract import FEATURE_COLUMNS
 from backorder.errors import ModelNotFoundError
 from backorder.features import InventoryFeatures
 
-ARTIFACT_FORMAT = "backorder-pipeline/1"
+# Version 2 always stores the derived feature names and the training base rate; version 1
+# files (which may lack both) are upgraded when loaded, see ``_upgrade_from_v1``.
+ARTIFACT_FORMAT = "backorder-pipeline/2"
+FORMAT_V1 = "backorder-pipeline/1"
 BOOSTER_FILE = "booster.txt"
 MODEL_FILE = "model.json"
 
-Progress = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -67,6 +72,32 @@ def cost_minimising_threshold(
     return float(p_sorted[best]), float(cost[best])
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """Platt scaling of raw log-odds and the cost-minimising threshold on its probabilities."""
+
+    slope: float
+    intercept: float
+    threshold: float
+
+
+def calibrate(
+    raw: np.ndarray, y: np.ndarray, cost_missed: float, cost_false_alarm: float
+) -> tuple[Calibration, np.ndarray]:
+    """Fit Platt scaling on raw log-odds of rows the booster did not train on, then the
+    threshold on the calibrated probabilities; return both and those probabilities.
+
+    Platt scaling keeps the ranking (AUC, AP) and fixes the scale. Both engines use it: the
+    local one on out-of-fold log-odds, the Dask one on a calibration slice.
+    """
+    platt = LogisticRegression(C=1e6, max_iter=1000)
+    platt.fit(raw.reshape(-1, 1), y)
+    slope, intercept = float(platt.coef_[0, 0]), float(platt.intercept_[0])
+    probability = _sigmoid(slope * raw + intercept)
+    threshold, _ = cost_minimising_threshold(y, probability, cost_missed, cost_false_alarm)
+    return Calibration(slope, intercept, threshold), probability
+
+
 class BackorderClassifier(ClassifierMixin, BaseEstimator):
     """LightGBM with early stopping, Platt calibration and a cost-minimising threshold.
 
@@ -84,6 +115,9 @@ class BackorderClassifier(ClassifierMixin, BaseEstimator):
         Business cost of a missed backorder and of a false alarm; only the ratio matters.
     random_seed:
         Seed for folds, splits and LightGBM.
+
+    Fold progress is logged (INFO, logger ``backorder.model``). Scoring-time choices (a base
+    rate, compiled trees) belong to ``Scorer``; a fitted classifier is not changed by scoring.
     """
 
     def __init__(
@@ -96,7 +130,6 @@ class BackorderClassifier(ClassifierMixin, BaseEstimator):
         cost_missed_backorder: float = 10.0,
         cost_false_alarm: float = 1.0,
         random_seed: int = 42,
-        progress: Progress | None = None,
     ) -> None:
         self.booster_params = booster_params
         self.max_trees = max_trees
@@ -106,10 +139,10 @@ class BackorderClassifier(ClassifierMixin, BaseEstimator):
         self.cost_missed_backorder = cost_missed_backorder
         self.cost_false_alarm = cost_false_alarm
         self.random_seed = random_seed
-        self.progress = progress
 
     # -- fitting -------------------------------------------------------------------------------
-    def _lgb_params(self) -> dict[str, Any]:
+    def lightgbm_params(self) -> dict[str, Any]:
+        """The parameters every booster of this classifier is trained with."""
         params = {
             "objective": "binary",
             "verbosity": -1,
@@ -120,24 +153,21 @@ class BackorderClassifier(ClassifierMixin, BaseEstimator):
         params.update(self.booster_params or {})
         return params
 
-    def _say(self, message: str) -> None:
-        if self.progress is not None:
-            self.progress(message)
-
-    def _fit_booster(
+    def fit_early_stopped(
         self,
         X: pd.DataFrame,
         y: np.ndarray,
         rows: np.ndarray,
         seed: int,
     ) -> lgb.Booster:
+        """A booster on ``rows``, stopped early on a stratified share of them."""
         fit_rows, stop_rows = train_test_split(
             rows, test_size=self.early_stopping_fraction, stratify=y[rows], random_state=seed
         )
         train_set = lgb.Dataset(X.iloc[fit_rows], y[fit_rows], free_raw_data=True)
         stop_set = lgb.Dataset(X.iloc[stop_rows], y[stop_rows], reference=train_set)
         return lgb.train(
-            self._lgb_params(),
+            self.lightgbm_params(),
             train_set,
             num_boost_round=self.max_trees,
             valid_sets=[stop_set],
@@ -153,91 +183,207 @@ class BackorderClassifier(ClassifierMixin, BaseEstimator):
                 f"training data needs at least {self.cv_folds} backorders and some non-backorders;"
                 f" it has {positives} of {len(y_arr)} rows"
             )
-        self.classes_ = np.array([0, 1])
-        self.feature_names_in_ = np.asarray(X.columns, dtype=object)
         folds = StratifiedKFold(self.cv_folds, shuffle=True, random_state=self.random_seed)
         oof_log_odds = np.empty(len(y_arr), dtype="float64")
         best_iterations: list[int] = []
         for k, (train_rows, valid_rows) in enumerate(folds.split(np.zeros(len(y_arr)), y_arr)):
-            booster = self._fit_booster(X, y_arr, train_rows, self.random_seed + k)
+            booster = self.fit_early_stopped(X, y_arr, train_rows, self.random_seed + k)
             best_iterations.append(int(booster.best_iteration or booster.current_iteration()))
             oof_log_odds[valid_rows] = booster.predict(
                 X.iloc[valid_rows], raw_score=True, num_iteration=best_iterations[-1]
             )
-            self._say(f"fold {k + 1}/{self.cv_folds}: {best_iterations[-1]} trees")
+            log.info("fold %d/%d: %d trees", k + 1, self.cv_folds, best_iterations[-1])
 
-        # Platt scaling on out-of-fold log-odds keeps the ranking (AUC, AP) and fixes the scale.
-        platt = LogisticRegression(C=1e6, max_iter=1000)
-        platt.fit(oof_log_odds.reshape(-1, 1), y_arr)
-        self.calibration_slope_ = float(platt.coef_[0, 0])
-        self.calibration_intercept_ = float(platt.intercept_[0])
-        self.training_base_rate_ = positives / len(y_arr)
-        self.base_rate_shift_ = 0.0
-        self.oof_probability_ = _sigmoid(
-            self.calibration_slope_ * oof_log_odds + self.calibration_intercept_
+        calibration, oof_probability = calibrate(
+            oof_log_odds, y_arr, self.cost_missed_backorder, self.cost_false_alarm
         )
-        self.decision_threshold_, _ = cost_minimising_threshold(
-            y_arr, self.oof_probability_, self.cost_missed_backorder, self.cost_false_alarm
+        n_trees = max(1, round(float(np.median(best_iterations))))
+        log.info("final model on %s rows, %d trees", f"{len(y_arr):,}", n_trees)
+        booster = lgb.train(self.lightgbm_params(), lgb.Dataset(X, y_arr), num_boost_round=n_trees)
+        self._set_fitted(
+            booster,
+            feature_names=list(X.columns),
+            calibration=calibration,
+            training_base_rate=positives / len(y_arr),
+            best_iterations=best_iterations,
+            n_trees=n_trees,
         )
-        self.best_iterations_ = best_iterations
-        self.n_trees_ = max(1, round(float(np.median(best_iterations))))
-        self._say(f"final model on {len(y_arr):,} rows, {self.n_trees_} trees")
-        self.booster_ = lgb.train(
-            self._lgb_params(), lgb.Dataset(X, y_arr), num_boost_round=self.n_trees_
-        )
+        self.oof_probability_ = oof_probability
         self.fit_seconds_ = time.perf_counter() - started
         return self
 
-    # -- scoring -------------------------------------------------------------------------------
-    def adjust_to_base_rate(self, base_rate: float | None) -> None:
-        """Re-calibrate for a known backorder rate in the data to be scored (prior shift).
+    def fit_calibration(
+        self,
+        booster: lgb.Booster,
+        n_trees: int,
+        X_calibration: pd.DataFrame,
+        y_calibration: np.ndarray,
+        training_base_rate: float,
+    ) -> BackorderClassifier:
+        """Fit for a booster trained elsewhere (on a cluster): calibration and threshold come
+        from rows it never saw, ``X_calibration``, as ``fit`` uses out-of-fold rows."""
+        raw = np.asarray(booster.predict(X_calibration, raw_score=True))
+        calibration, probability = calibrate(
+            raw, y_calibration, self.cost_missed_backorder, self.cost_false_alarm
+        )
+        self._set_fitted(
+            booster,
+            feature_names=list(X_calibration.columns),
+            calibration=calibration,
+            training_base_rate=training_base_rate,
+            best_iterations=[n_trees],
+            n_trees=n_trees,
+        )
+        self.oof_probability_ = probability
+        return self
 
-        If only the share of backorders changes, not what a backorder looks like, Bayes' rule
-        moves every log-odds by logit(new rate) - logit(training rate); ranking is unchanged.
-        ``None`` restores the training calibration.
-        """
-        if base_rate is None:
-            self.base_rate_shift_ = 0.0
-            return
-        if not 0.0 < base_rate < 1.0:
-            raise ValueError(f"base rate must be strictly between 0 and 1, got {base_rate}")
-        self.base_rate_shift_ = _logit(base_rate) - _logit(self.training_base_rate_)
+    def _set_fitted(
+        self,
+        booster: lgb.Booster,
+        *,
+        feature_names: list[str],
+        calibration: Calibration,
+        training_base_rate: float,
+        best_iterations: list[int],
+        n_trees: int,
+    ) -> BackorderClassifier:
+        """The one place the fitted state is set: by ``fit``, ``fit_calibration`` and loading."""
+        self.classes_ = np.array([0, 1])
+        self.feature_names_in_ = np.asarray(feature_names, dtype=object)
+        self.booster_ = booster
+        self.calibration_slope_ = calibration.slope
+        self.calibration_intercept_ = calibration.intercept
+        self.decision_threshold_ = calibration.threshold
+        self.training_base_rate_ = float(training_base_rate)
+        self.best_iterations_ = list(best_iterations)
+        self.n_trees_ = int(n_trees)
+        return self
 
-    def use_compiled(self, compiled: Any) -> None:
-        """Score with compiled trees (``backorder.compiled.CompiledTrees``), or None: LightGBM."""
-        self._compiled = compiled
-
-    @property
-    def scoring_engine(self) -> str:
-        return "compiled" if getattr(self, "_compiled", None) is not None else "lightgbm"
-
-    def raw_score(self, X: pd.DataFrame | np.ndarray) -> np.ndarray:
-        compiled = getattr(self, "_compiled", None)
-        if compiled is not None:
-            values = X.to_numpy(dtype=np.float64) if isinstance(X, pd.DataFrame) else X
-            return np.asarray(compiled.predict_raw(values))
-        return np.asarray(self.booster_.predict(X, raw_score=True))
-
-    def calibrated_log_odds(self, raw: np.ndarray) -> np.ndarray:
-        intercept = self.calibration_intercept_ + self.base_rate_shift_
+    # -- scoring (training calibration, LightGBM; ``Scorer`` adds the scoring-time choices) ---
+    def calibrated_log_odds(self, raw: np.ndarray, base_rate_shift: float = 0.0) -> np.ndarray:
+        intercept = self.calibration_intercept_ + base_rate_shift
         return self.calibration_slope_ * raw + intercept
 
-    def log_odds(self, X: pd.DataFrame | np.ndarray) -> np.ndarray:
-        return self.calibrated_log_odds(self.raw_score(X))
-
-    def probability(self, X: pd.DataFrame | np.ndarray) -> np.ndarray:
-        """The calibrated probability of a backorder, one per row."""
-        return _sigmoid(self.log_odds(X))
-
-    def probability_from_raw(self, raw: np.ndarray) -> np.ndarray:
-        return _sigmoid(self.calibrated_log_odds(raw))
-
     def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
-        p = self.probability(X)
+        p = _sigmoid(self.calibrated_log_odds(np.asarray(self.booster_.predict(X, raw_score=True))))
         return np.column_stack([1.0 - p, p])
 
     def predict(self, X: pd.DataFrame) -> np.ndarray:
         return (self.predict_proba(X)[:, 1] >= self.decision_threshold_).astype(np.int64)
+
+
+def path_tables(booster: lgb.Booster) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per tree and leaf, the feature contributions along the path to that leaf: the leaf
+    offset of each tree, the (leaves x features) table, and the sum of the root values."""
+    model = booster.dump_model()
+    n_features = len(model["feature_names"])
+    offsets: list[int] = []
+    rows: list[np.ndarray] = []
+    baseline, n_leaves = 0.0, 0
+    for tree in model["tree_info"]:
+        root = tree["tree_structure"]
+        paths = np.zeros((tree["num_leaves"], n_features))
+        offsets.append(n_leaves)
+        n_leaves += tree["num_leaves"]
+        if "leaf_value" in root:  # a single-leaf tree: a constant, no feature involved
+            baseline += float(root["leaf_value"])
+            rows.append(paths)
+            continue
+        baseline += float(root["internal_value"])
+        stack = [(root, np.zeros(n_features))]
+        while stack:
+            node, credit = stack.pop()
+            for side in ("left_child", "right_child"):
+                child = node[side]
+                value = child.get("internal_value", child.get("leaf_value"))
+                gained = credit.copy()
+                gained[node["split_feature"]] += float(value) - float(node["internal_value"])
+                if "leaf_index" in child:
+                    paths[child["leaf_index"]] = gained
+                else:
+                    stack.append((child, gained))
+        rows.append(paths)
+    return np.asarray(offsets, dtype=np.int64), np.concatenate(rows), baseline
+
+
+def _classifier(pipeline: Pipeline) -> BackorderClassifier:
+    step = pipeline[-1]
+    assert isinstance(step, BackorderClassifier)
+    return step
+
+
+@dataclass(eq=False)
+class Scorer:
+    """A fitted pipeline with the verbs its callers need, and the scoring-time choices made
+    when it was loaded: a known base rate of the data to be scored, compiled trees.
+
+    The fitted estimators are only read, never changed, so one pipeline can back several
+    scorers (say, with and without a base rate).
+    """
+
+    pipeline: Pipeline
+    base_rate: float | None = None
+    compiled: Any = None  # backorder.compiled.CompiledTrees, or None: LightGBM scores
+
+    def __post_init__(self) -> None:
+        self.classifier = _classifier(self.pipeline)
+        self._features = self.pipeline[:-1]
+        self.base_rate_shift = self._base_rate_shift(self.base_rate)
+
+    def _base_rate_shift(self, base_rate: float | None) -> float:
+        """Re-calibration for a known backorder rate in the data to be scored (prior shift).
+
+        If only the share of backorders changes, not what a backorder looks like, Bayes' rule
+        moves every log-odds by logit(new rate) - logit(training rate); ranking is unchanged.
+        ``None`` keeps the training calibration.
+        """
+        if base_rate is None:
+            return 0.0
+        if not 0.0 < base_rate < 1.0:
+            raise ValueError(f"base rate must be strictly between 0 and 1, got {base_rate}")
+        return _logit(base_rate) - _logit(self.classifier.training_base_rate_)
+
+    # -- facts ---------------------------------------------------------------------------------
+    @property
+    def threshold(self) -> float:
+        """Flag a row when its probability is at least this."""
+        return float(self.classifier.decision_threshold_)
+
+    @property
+    def feature_names(self) -> list[str]:
+        """The classifier's input columns, in order: those of ``features(rows)``."""
+        return [str(n) for n in self.classifier.feature_names_in_]
+
+    @property
+    def scoring_engine(self) -> str:
+        return "compiled" if self.compiled is not None else "lightgbm"
+
+    def feature_importance(self) -> pd.Series:
+        booster = self.classifier.booster_
+        gain = booster.feature_importance(importance_type="gain")
+        return pd.Series(gain, index=booster.feature_name()).sort_values(ascending=False)
+
+    # -- scores --------------------------------------------------------------------------------
+    def features(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """Validated input rows -> the classifier's features."""
+        return self._features.transform(rows)
+
+    def raw_score(self, X: pd.DataFrame | np.ndarray) -> np.ndarray:
+        if self.compiled is not None:
+            values = X.to_numpy(dtype=np.float64) if isinstance(X, pd.DataFrame) else X
+            return np.asarray(self.compiled.predict_raw(values))
+        return np.asarray(self.classifier.booster_.predict(X, raw_score=True))
+
+    def probability_from_raw(self, raw: np.ndarray) -> np.ndarray:
+        return _sigmoid(self.classifier.calibrated_log_odds(raw, self.base_rate_shift))
+
+    def probability_of_features(self, X: pd.DataFrame | np.ndarray) -> np.ndarray:
+        """The calibrated probability of a backorder, one per row of features."""
+        return self.probability_from_raw(self.raw_score(X))
+
+    def probability(self, rows: pd.DataFrame) -> np.ndarray:
+        """The calibrated probability of a backorder, one per validated input row."""
+        return self.probability_of_features(self.features(rows))
 
     def contributions(self, X: pd.DataFrame, method: str = "path") -> pd.DataFrame:
         """Per-row, per-feature contributions to the calibrated log-odds.
@@ -251,7 +397,7 @@ class BackorderClassifier(ClassifierMixin, BaseEstimator):
         orderings; ~8 ms per row with ~700 depth-8 trees, too slow for the API's 10 ms budget.
         """
         matrix, baseline = self.contribution_matrix(X, method)
-        out = pd.DataFrame(matrix, index=X.index, columns=self.booster_.feature_name())
+        out = pd.DataFrame(matrix, index=X.index, columns=self.classifier.booster_.feature_name())
         out["baseline"] = baseline
         return out
 
@@ -260,61 +406,26 @@ class BackorderClassifier(ClassifierMixin, BaseEstimator):
     ) -> tuple[np.ndarray, np.ndarray]:
         """``contributions`` as a (rows x features) array plus each row's baseline; the
         DataFrame-free form the API uses (pandas costs more than the trees for one row)."""
-        shift = self.calibration_intercept_ + self.base_rate_shift_
+        clf = self.classifier
+        shift = clf.calibration_intercept_ + self.base_rate_shift
         if method == "shap":
-            shap = np.asarray(self.booster_.predict(X, pred_contrib=True)) * self.calibration_slope_
+            shap = np.asarray(clf.booster_.predict(X, pred_contrib=True)) * clf.calibration_slope_
             return shap[:, :-1], shap[:, -1] + shift
         if method != "path":
             raise ValueError(f"unknown contribution method {method!r} (path or shap)")
-        leaves = np.asarray(self.booster_.predict(X, pred_leaf=True), dtype=np.int64)
-        offsets, table, baseline = self._path_tables()
+        leaves = np.asarray(clf.booster_.predict(X, pred_leaf=True), dtype=np.int64)
+        offsets, table, baseline = self._path_tables
         index = leaves.reshape(len(X), -1) + offsets
         raw = np.empty((len(X), table.shape[1]), dtype="float64")
         for start in range(0, len(X), 256):  # bounds the gathered block to ~256 x trees x features
             raw[start : start + 256] = table[index[start : start + 256]].sum(axis=1)
-        baseline_row = self.calibration_slope_ * baseline + shift
-        return raw * self.calibration_slope_, np.full(len(X), baseline_row)
+        baseline_row = clf.calibration_slope_ * baseline + shift
+        return raw * clf.calibration_slope_, np.full(len(X), baseline_row)
 
+    @cached_property
     def _path_tables(self) -> tuple[np.ndarray, np.ndarray, float]:
-        """Per tree and leaf, the feature contributions along the path to that leaf (cached)."""
-        cached = getattr(self, "_path_cache", None)
-        if cached is not None and cached[0] is self.booster_:
-            return cached[1]
-        model = self.booster_.dump_model()
-        n_features = len(model["feature_names"])
-        offsets: list[int] = []
-        rows: list[np.ndarray] = []
-        baseline, n_leaves = 0.0, 0
-        for tree in model["tree_info"]:
-            root = tree["tree_structure"]
-            paths = np.zeros((tree["num_leaves"], n_features))
-            offsets.append(n_leaves)
-            n_leaves += tree["num_leaves"]
-            if "leaf_value" in root:  # a single-leaf tree: a constant, no feature involved
-                baseline += float(root["leaf_value"])
-                rows.append(paths)
-                continue
-            baseline += float(root["internal_value"])
-            stack = [(root, np.zeros(n_features))]
-            while stack:
-                node, credit = stack.pop()
-                for side in ("left_child", "right_child"):
-                    child = node[side]
-                    value = child.get("internal_value", child.get("leaf_value"))
-                    gained = credit.copy()
-                    gained[node["split_feature"]] += float(value) - float(node["internal_value"])
-                    if "leaf_index" in child:
-                        paths[child["leaf_index"]] = gained
-                    else:
-                        stack.append((child, gained))
-            rows.append(paths)
-        tables = (np.asarray(offsets, dtype=np.int64), np.concatenate(rows), baseline)
-        self._path_cache = (self.booster_, tables)
-        return tables
-
-    def feature_importance(self) -> pd.Series:
-        gain = self.booster_.feature_importance(importance_type="gain")
-        return pd.Series(gain, index=self.booster_.feature_name()).sort_values(ascending=False)
+        # Built on first use (a second or so for ~700 trees), then kept with this scorer.
+        return path_tables(self.classifier.booster_)
 
 
 def booster_params_from(settings: Settings) -> dict[str, Any]:
@@ -336,7 +447,7 @@ def booster_params_from(settings: Settings) -> dict[str, Any]:
     }
 
 
-def build_pipeline(settings: Settings, progress: Progress | None = None) -> Pipeline:
+def build_pipeline(settings: Settings) -> Pipeline:
     """An unfitted features + classifier Pipeline configured from settings."""
     gbm = settings.lightgbm
     derived = None if settings.derived_features is None else tuple(settings.derived_features)
@@ -355,38 +466,25 @@ def build_pipeline(settings: Settings, progress: Progress | None = None) -> Pipe
                     cost_missed_backorder=settings.cost_missed_backorder,
                     cost_false_alarm=settings.cost_false_alarm,
                     random_seed=settings.random_seed,
-                    progress=progress,
                 ),
             ),
         ]
     )
 
 
-def classifier_of(pipeline: Pipeline) -> BackorderClassifier:
-    step = pipeline.steps[-1][1]
-    assert isinstance(step, BackorderClassifier)
-    return step
-
-
-def backorder_probability(pipeline: Pipeline, rows: pd.DataFrame) -> np.ndarray:
-    return np.asarray(pipeline.predict_proba(rows)[:, 1])
-
-
 # -- persistence -------------------------------------------------------------------------------
-def save_pipeline(pipeline: Pipeline, directory: Path, metadata: dict[str, Any]) -> Path:
-    """Write the fitted pipeline as ``booster.txt`` + ``model.json`` into ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    features: InventoryFeatures = pipeline.steps[0][1]
-    clf = classifier_of(pipeline)
-    (directory / BOOSTER_FILE).write_text(clf.booster_.model_to_string(), encoding="utf-8")
-    spec = {
+def pipeline_spec(pipeline: Pipeline, metadata: dict[str, Any]) -> dict[str, Any]:
+    """The fitted pipeline's ``model.json`` (all but the trees, which go to ``booster.txt``)."""
+    features = pipeline[0]
+    clf = _classifier(pipeline)
+    return {
         "format": ARTIFACT_FORMAT,
         # Explicit names, never None ("all"): the set of derived features grows between versions.
         "features": {
             "derived": [n for n in features.feature_names_out_ if n not in FEATURE_COLUMNS]
         },
         "classifier": {
-            "params": {k: v for k, v in clf.get_params(deep=False).items() if k != "progress"},
+            "params": clf.get_params(deep=False),
             "calibration_slope": clf.calibration_slope_,
             "calibration_intercept": clf.calibration_intercept_,
             "decision_threshold": clf.decision_threshold_,
@@ -397,6 +495,67 @@ def save_pipeline(pipeline: Pipeline, directory: Path, metadata: dict[str, Any])
         },
         "metadata": metadata,
     }
+
+
+def _upgrade_from_v1(spec: dict[str, Any], where: Path) -> dict[str, Any]:
+    """A ``backorder-pipeline/1`` spec as version 2: explicit derived features and base rate.
+
+    Version 1 files may say ``derived: null``, meaning all derived features of their time (the
+    ones among the classifier's features), and may lack the training base rate (then it is
+    the metadata's training positives over training rows).
+    """
+    c = dict(spec["classifier"])
+    derived = spec["features"]["derived"]
+    if derived is None:
+        derived = [n for n in c["feature_names"] if n not in FEATURE_COLUMNS]
+    meta = spec.get("metadata", {})
+    if c.get("training_base_rate") is None:
+        if not meta.get("training_rows"):
+            raise ModelNotFoundError(f"{where}: no training base rate; retrain this model")
+        c["training_base_rate"] = meta["training_positives"] / meta["training_rows"]
+    # A progress callback was once a parameter; it was never saved, but never let it in.
+    c["params"] = {k: v for k, v in c["params"].items() if k != "progress"}
+    return {**spec, "format": ARTIFACT_FORMAT, "features": {"derived": derived}, "classifier": c}
+
+
+UPGRADES = {FORMAT_V1: _upgrade_from_v1}
+
+
+def pipeline_from_spec(
+    spec: dict[str, Any], booster_text: str, where: Path
+) -> tuple[Pipeline, dict[str, Any]]:
+    """Rebuild a fitted pipeline and its metadata from ``pipeline_spec``'s output and the trees;
+    older formats are upgraded first. ``where`` names the spec in errors."""
+    fmt = spec.get("format")
+    if fmt in UPGRADES:
+        spec = UPGRADES[fmt](spec, where)
+    elif fmt != ARTIFACT_FORMAT:
+        raise ModelNotFoundError(f"{where}: unsupported model format {fmt!r}")
+    features = InventoryFeatures(derived=tuple(spec["features"]["derived"])).fit(
+        pd.DataFrame(columns=list(FEATURE_COLUMNS))
+    )
+    c = spec["classifier"]
+    clf = BackorderClassifier(**c["params"])._set_fitted(
+        lgb.Booster(model_str=booster_text),
+        feature_names=list(c["feature_names"]),
+        calibration=Calibration(
+            float(c["calibration_slope"]),
+            float(c["calibration_intercept"]),
+            float(c["decision_threshold"]),
+        ),
+        training_base_rate=float(c["training_base_rate"]),
+        best_iterations=list(c["best_iterations"]),
+        n_trees=int(c["n_trees"]),
+    )
+    return Pipeline([("features", features), ("classifier", clf)]), dict(spec["metadata"])
+
+
+def save_pipeline(pipeline: Pipeline, directory: Path, metadata: dict[str, Any]) -> Path:
+    """Write the fitted pipeline as ``booster.txt`` + ``model.json`` into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    booster = _classifier(pipeline).booster_
+    (directory / BOOSTER_FILE).write_text(booster.model_to_string(), encoding="utf-8")
+    spec = pipeline_spec(pipeline, metadata)
     (directory / MODEL_FILE).write_text(json.dumps(spec, indent=2, default=float), encoding="utf-8")
     return directory
 
@@ -407,31 +566,5 @@ def load_pipeline(directory: Path) -> tuple[Pipeline, dict[str, Any]]:
     if not spec_path.is_file():
         raise ModelNotFoundError(f"{directory}: no {MODEL_FILE}; not a backorder model")
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
-    if spec.get("format") != ARTIFACT_FORMAT:
-        raise ModelNotFoundError(f"{spec_path}: unsupported model format {spec.get('format')!r}")
-    derived = spec["features"]["derived"]
-    if derived is None:  # saved as "all" by an earlier version: all it had, per its features
-        derived = [n for n in spec["classifier"]["feature_names"] if n not in FEATURE_COLUMNS]
-    features = InventoryFeatures(derived=tuple(derived)).fit(
-        pd.DataFrame(columns=list(FEATURE_COLUMNS))
-    )
-    c = spec["classifier"]
-    clf = BackorderClassifier(**c["params"])
-    clf.booster_ = lgb.Booster(model_str=(directory / BOOSTER_FILE).read_text(encoding="utf-8"))
-    clf.classes_ = np.array([0, 1])
-    clf.feature_names_in_ = np.asarray(c["feature_names"], dtype=object)
-    clf.calibration_slope_ = float(c["calibration_slope"])
-    clf.calibration_intercept_ = float(c["calibration_intercept"])
-    clf.decision_threshold_ = float(c["decision_threshold"])
-    # Models saved before the base rate was stored: the training counts give it.
-    meta = spec.get("metadata", {})
-    rate = c.get("training_base_rate")
-    if rate is None and meta.get("training_rows"):
-        rate = meta["training_positives"] / meta["training_rows"]
-    if rate is None:
-        raise ModelNotFoundError(f"{spec_path}: no training base rate; retrain this model")
-    clf.training_base_rate_ = float(rate)
-    clf.base_rate_shift_ = 0.0
-    clf.best_iterations_ = list(c["best_iterations"])
-    clf.n_trees_ = int(c["n_trees"])
-    return Pipeline([("features", features), ("classifier", clf)]), dict(spec["metadata"])
+    booster_text = (directory / BOOSTER_FILE).read_text(encoding="utf-8")
+    return pipeline_from_spec(spec, booster_text, spec_path)

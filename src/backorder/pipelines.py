@@ -222,7 +222,7 @@ def check_drift(
         landing.uri(REPORTS, batch_id),
         batch_id,
         settings.drift_psi_threshold,
-        loaded.pipeline,
+        loaded,
         {"model_version": loaded.version, "current": uri},
     )
     # Scored and labelled batches push to groups of their own: one must not replace the other.
@@ -301,9 +301,7 @@ def score_batch(
 
     landing = Landing(root)
     uri = batch_uri(root, batch_id)
-    loaded = Registry(settings).load(
-        model, settings.scoring_base_rate, compiled=settings.compiled_trees
-    )
+    loaded = Registry(settings).load_for_scoring(model)
     started = time.perf_counter()
     summary = predict_file(
         uri,

@@ -1,7 +1,8 @@
 """Batch scoring: every input row is either scored or quarantined with a reason, never lost.
 
-``score_rows`` is the one scoring function: batch files, the web app and evaluation call it, so
-a model is always scored with its own fitted pipeline and worded the same way everywhere.
+``decide`` is the one scoring core: probability, decision and risk band. ``score_rows`` shapes
+it as the prediction table (batch files, locally or on Dask), ``score_with_reasons`` as the web
+app's structured reasons, so a model is scored and worded the same way everywhere.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from backorder.databases import is_database, redact, split_table
 from backorder.errors import InputFileError
 from backorder.explain import Reason, reason_columns, reason_names, top_reasons
 from backorder.io import BackgroundSink, is_remote, open_input, open_output, prefetch, table_format
-from backorder.model import classifier_of
+from backorder.model import Scorer
 from backorder.registry import LoadedModel
 
 RISK_BANDS = ("low", "medium", "high")
@@ -55,22 +56,42 @@ def risk_band(probability: np.ndarray, threshold: float, watchlist_fraction: flo
     )
 
 
+@dataclass
+class Decisions:
+    """A model's verdict on some rows: probability, flag and risk band, one per row."""
+
+    probability: np.ndarray
+    will_backorder: np.ndarray
+    risk_band: np.ndarray
+    threshold: float
+
+
+def decide(model: Scorer, features: pd.DataFrame | np.ndarray, settings: Settings) -> Decisions:
+    """Probability (compiled trees when loaded so), decision and risk band for rows of features."""
+    probability = model.probability_of_features(features)
+    threshold = model.threshold
+    return Decisions(
+        probability=probability,
+        will_backorder=probability >= threshold,
+        risk_band=risk_band(probability, threshold, settings.watchlist_fraction),
+        threshold=threshold,
+    )
+
+
 def score_rows(model: LoadedModel, rows: pd.DataFrame, settings: Settings) -> pd.DataFrame:
     """Probabilities, decisions, risk bands and reasons for validated rows.
 
     ``settings.reasons_for`` says which rows get reasons; the others carry empty reason columns.
     """
-    features = model.pipeline.steps[0][1].transform(rows)
-    clf = classifier_of(model.pipeline)
-    probability = clf.probability(features)
-    threshold = clf.decision_threshold_
-    band = risk_band(probability, threshold, settings.watchlist_fraction)
+    features = model.features(rows)
+    decided = decide(model, features, settings)
+    band = decided.risk_band
     out = pd.DataFrame(index=rows.index)
     out[ROW_NUMBER] = rows.index.to_numpy(dtype="int64")
     out[SKU] = rows[SKU].astype("string") if SKU in rows.columns else pd.NA
     out[SKU] = out[SKU].astype("string")
-    out["backorder_probability"] = probability
-    out["will_backorder"] = probability >= threshold
+    out["backorder_probability"] = decided.probability
+    out["will_backorder"] = decided.will_backorder
     out["risk_band"] = pd.array(band, dtype="string")
     explained = {
         "all": np.ones(len(rows), bool),
@@ -84,7 +105,7 @@ def score_rows(model: LoadedModel, rows: pd.DataFrame, settings: Settings) -> pd
     if explained.any():
         subset = features.loc[explained]
         reasons.loc[explained, names] = reason_columns(
-            clf.contributions(subset, settings.reason_method), subset, settings.reasons_per_row
+            model.contributions(subset, settings.reason_method), subset, settings.reasons_per_row
         ).to_numpy()
     out = pd.concat([out, reasons], axis=1)
     out["model_version"] = pd.array([model.version] * len(out), dtype="string")
@@ -92,36 +113,24 @@ def score_rows(model: LoadedModel, rows: pd.DataFrame, settings: Settings) -> pd
 
 
 @dataclass
-class ExplainedScores:
+class ExplainedScores(Decisions):
     """Scores with structured reasons for every row (the API's form)."""
 
-    probability: np.ndarray
-    will_backorder: np.ndarray
-    risk_band: np.ndarray
-    reasons: list[list[Reason]]
-    threshold: float
+    reasons: list[list[Reason]] = field(default_factory=list)
 
 
 def score_with_reasons(
     model: LoadedModel, rows: pd.DataFrame, settings: Settings
 ) -> ExplainedScores:
     """Like ``score_rows`` with reasons for every row, as (feature, contribution, text)."""
-    clf = classifier_of(model.pipeline)
-    names = [str(n) for n in clf.feature_names_in_]
-    values = (
-        model.pipeline.steps[0][1].transform(rows).to_numpy(dtype="float64")
-    )  # in `names` order
-    matrix, _ = clf.contribution_matrix(values, settings.reason_method)
+    names = model.feature_names
+    values = model.features(rows).to_numpy(dtype="float64")  # in `names` order
+    matrix, _ = model.contribution_matrix(values, settings.reason_method)
     # The contributions add up to the log-odds too, but the probability comes from the same
     # scorer as batch scoring (compiled trees when available), so both report the same number.
-    probability = clf.probability(values)
-    threshold = clf.decision_threshold_
+    decided = decide(model, values, settings)
     return ExplainedScores(
-        probability=probability,
-        will_backorder=probability >= threshold,
-        risk_band=risk_band(probability, threshold, settings.watchlist_fraction),
-        reasons=top_reasons(names, matrix, values, settings.reasons_per_row),
-        threshold=threshold,
+        **vars(decided), reasons=top_reasons(names, matrix, values, settings.reasons_per_row)
     )
 
 

@@ -35,7 +35,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from sklearn.pipeline import Pipeline  # noqa: E402
 
-from backorder.model import classifier_of, load_pipeline, save_pipeline  # noqa: E402
+from backorder.model import Scorer, load_pipeline, save_pipeline  # noqa: E402
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -44,11 +44,11 @@ MODEL_ARTIFACT = "model"
 REFERENCE_FILE = "reference.parquet"
 
 
-@dataclass
-class LoadedModel:
-    """A fitted pipeline with the registry facts a consumer reports alongside its scores."""
+@dataclass(eq=False, kw_only=True)
+class LoadedModel(Scorer):
+    """A registered model as loaded to score: the fitted pipeline with its scoring-time choices
+    (``Scorer``) and the registry facts a consumer reports alongside its scores."""
 
-    pipeline: Pipeline
     version: str
     metadata: dict[str, Any]
     aliases: list[str]
@@ -160,7 +160,7 @@ class Registry:
         """Download a version's artifact and rebuild its fitted pipeline.
 
         ``base_rate`` re-calibrates its probabilities to a known backorder rate of the data to be
-        scored (see ``BackorderClassifier.adjust_to_base_rate``). ``compiled`` scores with
+        scored (see ``Scorer``). ``compiled`` scores with
         compiled trees (``backorder.compiled``), checked against LightGBM on the stored training
         reference; LightGBM remains the fallback.
         """
@@ -177,30 +177,41 @@ class Registry:
                 if (with_reference or compiled) and reference_file.is_file()
                 else None
             )
-        clf = classifier_of(pipeline)
-        clf.adjust_to_base_rate(base_rate)
-        if compiled:
-            clf.use_compiled(self._compiled_trees(pipeline, reference, say))
+        scorer = Scorer(pipeline, base_rate)
         return LoadedModel(
-            pipeline, version, metadata, list(mv.aliases), reference if with_reference else None
+            pipeline=pipeline,
+            base_rate=base_rate,
+            compiled=self._compiled_trees(scorer, reference, say) if compiled else None,
+            version=version,
+            metadata=metadata,
+            aliases=list(mv.aliases),
+            reference=reference if with_reference else None,
+        )
+
+    def load_for_scoring(
+        self, ref: str = CHAMPION, say: Callable[[str], None] = lambda _m: None
+    ) -> LoadedModel:
+        """``load`` as everything that scores does: at the configured scoring base rate, with
+        compiled trees when the settings ask for them."""
+        return self.load(
+            ref, self.settings.scoring_base_rate, compiled=self.settings.compiled_trees, say=say
         )
 
     def _compiled_trees(
-        self, pipeline: Pipeline, reference: pd.DataFrame | None, say: Callable[[str], None]
+        self, scorer: Scorer, reference: pd.DataFrame | None, say: Callable[[str], None]
     ) -> Any:
         from backorder.compiled import compile_booster
 
-        clf = classifier_of(pipeline)
         if reference is not None:
-            check = pipeline.steps[0][1].transform(reference).to_numpy(dtype="float64")
+            check = scorer.features(reference).to_numpy(dtype="float64")
         else:  # models saved before references were stored: random rows still walk the trees
             rng = np.random.default_rng(0)
-            check = rng.lognormal(2.0, 2.0, size=(2_000, len(clf.feature_names_in_)))
+            check = rng.lognormal(2.0, 2.0, size=(2_000, len(scorer.feature_names)))
         return compile_booster(
-            clf.booster_,
+            scorer.classifier.booster_,
             self.settings.home / "compiled",
             check,
-            clf.probability_from_raw,
+            scorer.probability_from_raw,
             n_jobs=self.settings.lightgbm.n_jobs,
             say=say,
         )

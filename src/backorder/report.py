@@ -18,10 +18,9 @@ import jinja2
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from sklearn.pipeline import Pipeline
 
 from backorder.metrics import Evaluation, curves, stock_rule_flags
-from backorder.model import classifier_of
+from backorder.model import Scorer
 
 # Rows used for the mean-|contribution| plot: contributions cost several times a prediction.
 CONTRIBUTION_SAMPLE = 2_000
@@ -161,19 +160,18 @@ def _importance_plot(importance: pd.Series, title: str) -> Plot:
     return png(fig, title)
 
 
-def mean_abs_contribution(pipeline: Pipeline, rows: pd.DataFrame) -> pd.Series:
+def mean_abs_contribution(model: Scorer, rows: pd.DataFrame) -> pd.Series:
     """Mean |contribution| per feature on a fixed random sample of ``rows``."""
     sample = rows.sample(min(len(rows), CONTRIBUTION_SAMPLE), random_state=0)
-    features = pipeline.steps[0][1].transform(sample)
-    contributions = classifier_of(pipeline).contributions(features).drop(columns="baseline")
+    contributions = model.contributions(model.features(sample)).drop(columns="baseline")
     return contributions.abs().mean().sort_values(ascending=False)
 
 
-def evaluation_sections(ev: Evaluation, rows: pd.DataFrame, pipeline: Pipeline) -> str:
+def evaluation_sections(ev: Evaluation, rows: pd.DataFrame, model: Scorer) -> str:
     """Headline figures, decisions, curves, calibration, drivers and segments of one evaluation."""
     m = ev.metrics
-    importance = classifier_of(pipeline).feature_importance()
-    contribution = mean_abs_contribution(pipeline, rows)
+    importance = model.feature_importance()
+    contribution = mean_abs_contribution(model, rows)
     kpis = [
         ("ROC AUC", m["roc_auc"]),
         ("average precision", m["average_precision"]),

@@ -32,7 +32,7 @@ from backorder.data import (
 from backorder.databases import redact
 from backorder.io import write_json_atomic, write_table_atomic, write_text_atomic
 from backorder.metrics import Evaluation, evaluate_predictions, flat_metrics
-from backorder.model import backorder_probability, build_pipeline, classifier_of
+from backorder.model import BackorderClassifier, Scorer, build_pipeline
 from backorder.registry import Registry
 from backorder.report import evaluation_sections, render, table
 
@@ -172,23 +172,23 @@ def run_training(
     )
 
     fit_started = time.perf_counter()
-    pipeline = build_pipeline(settings, progress=say)
+    pipeline = build_pipeline(settings)
     pipeline.fit(train_rows, y_train)
     fit_seconds = time.perf_counter() - fit_started
-    clf = classifier_of(pipeline)
+    clf = Scorer(pipeline).classifier
     say(f"fitted in {fit_seconds:.1f} s; threshold {clf.decision_threshold_:.4f}")
     return register_trained(
         Fitted(pipeline, fit_seconds, train_rows, y_train, clf.oof_probability_),
-        holdout_rows,
-        y_holdout,
-        data,
-        data.fingerprint(),
         settings,
-        uris,
-        started,
-        output_dir,
-        say,
-        apply_promotion,
+        holdout_rows=holdout_rows,
+        y_holdout=y_holdout,
+        data=data,
+        fingerprint=data.fingerprint(),
+        uris=uris,
+        started=started,
+        output_dir=output_dir,
+        say=say,
+        apply_promotion=apply_promotion,
     )
 
 
@@ -210,11 +210,12 @@ class Fitted:
 
 def register_trained(
     fitted: Fitted,
+    settings: Settings,
+    *,
     holdout_rows: pd.DataFrame,
     y_holdout: np.ndarray,
     data: LabelledData,
     fingerprint: dict[str, Any],
-    settings: Settings,
     uris: Sequence[str | Path],
     started: datetime,
     output_dir: Path,
@@ -223,110 +224,62 @@ def register_trained(
 ) -> TrainingOutcome:
     """Evaluate a fitted pipeline, compare it with the champion on the holdout, log it to
     MLflow, register it as challenger and write its report: whichever engine fitted it."""
-    pipeline, fit_seconds = fitted.pipeline, fitted.fit_seconds
-    train_rows, y_train = fitted.validation_rows, fitted.validation_y
-    clf = classifier_of(pipeline)
-    threshold = clf.decision_threshold_
-    validation = _evaluate(train_rows, y_train, fitted.validation_probability, threshold, settings)
-    holdout_eval: Evaluation | None = None
-    champion_holdout: dict[str, Any] | None = None
+    model = Scorer(fitted.pipeline)
+    validation = _evaluate(
+        fitted.validation_rows,
+        fitted.validation_y,
+        fitted.validation_probability,
+        model.threshold,
+        settings,
+    )
     registry = Registry(settings)
     champion_version = registry.champion_version()
-    if len(holdout_rows) and 0 < y_holdout.sum() < len(y_holdout):
-        holdout_eval = _evaluate(
-            holdout_rows,
-            y_holdout,
-            backorder_probability(pipeline, holdout_rows),
-            threshold,
-            settings,
-        )
-        if champion_version is not None:
-            champion = registry.load(champion_version)
-            champion_p = backorder_probability(champion.pipeline, holdout_rows)
-            champion_holdout = _evaluate(
-                holdout_rows,
-                y_holdout,
-                champion_p,
-                classifier_of(champion.pipeline).decision_threshold_,
-                settings,
-            ).metrics
+    holdout_eval, champion_holdout = _compare_on_holdout(
+        model, registry, champion_version, holdout_rows, y_holdout, settings
+    )
     decision = decide_promotion(
         holdout_eval.metrics if holdout_eval else {}, champion_holdout, settings, champion_version
     )
 
-    metadata = {
-        "trained_at": started.isoformat(timespec="seconds"),
-        "package_version": __version__,
-        "training_rows": fitted.training_rows or len(train_rows),
-        "training_positives": fitted.training_positives or int(y_train.sum()),
-        "data_fingerprint": fingerprint,
-        "threshold": threshold,
-        "feature_names": list(clf.feature_names_in_),
-        "validation": _headline(validation.metrics),
-        "holdout": _headline(holdout_eval.metrics) if holdout_eval else None,
-        "cost_missed_backorder": settings.cost_missed_backorder,
-        "cost_false_alarm": settings.cost_false_alarm,
-        "watchlist_fraction": settings.watchlist_fraction,
-    }
     output_dir.mkdir(parents=True, exist_ok=True)
     # Always written, even empty, so that a re-run never leaves an earlier run's rejects behind.
     rejects_file = write_table_atomic(output_dir / "rejects.csv", data.rejects)
-    metrics_doc = {
-        "validation": _with_tables(validation),
-        "holdout": _with_tables(holdout_eval) if holdout_eval else None,
-        "champion_on_holdout": champion_holdout,
-        "promotion": asdict(decision),
-        "data": {
-            "sources": [asdict(s) for s in data.sources],
-            "fingerprint": fingerprint,
-            "warnings": dict(data.warnings),
+    metrics_file = write_json_atomic(
+        output_dir / "metrics.json",
+        {
+            "validation": _with_tables(validation),
+            "holdout": _with_tables(holdout_eval) if holdout_eval else None,
+            "champion_on_holdout": champion_holdout,
+            "promotion": asdict(decision),
+            "data": {
+                "sources": [asdict(s) for s in data.sources],
+                "fingerprint": fingerprint,
+                "warnings": dict(data.warnings),
+            },
+            "model": _model_facts(model.classifier, fitted.fit_seconds),
         },
-        "model": {
-            "trees": clf.n_trees_,
-            "cv_best_iterations": clf.best_iterations_,
-            "calibration_slope": clf.calibration_slope_,
-            "calibration_intercept": clf.calibration_intercept_,
-            "training_base_rate": clf.training_base_rate_,
-            "fit_seconds": fit_seconds,
-        },
-    }
-    metrics_file = write_json_atomic(output_dir / "metrics.json", metrics_doc)
-    report = output_dir / "report.html"
+    )
 
-    params: dict[str, Any] = {
-        **{f"lightgbm_{k}": v for k, v in settings.lightgbm.model_dump().items()},
-        "cv_folds": settings.cv_folds,
-        "early_stopping_fraction": settings.early_stopping_fraction,
-        "holdout_fraction": settings.holdout_fraction,
-        "cost_missed_backorder": settings.cost_missed_backorder,
-        "cost_false_alarm": settings.cost_false_alarm,
-        "random_seed": settings.random_seed,
-        "trees": clf.n_trees_,
-        "inputs": ",".join(redact(str(u)) for u in uris),
-        **fitted.params,
-    }
-    mlflow_metrics = {f"validation_{k}": v for k, v in flat_metrics(validation.metrics).items()}
-    if holdout_eval:
-        mlflow_metrics |= {f"holdout_{k}": v for k, v in flat_metrics(holdout_eval.metrics).items()}
-    mlflow_metrics["fit_seconds"] = fit_seconds
-    tags = {
-        "data_rows": str(fingerprint["rows"]),
-        "data_sha256": str(fingerprint["sha256"]),
-        "promotion": decision.reason,
-    }
     # The report names the version, so register first, then write and attach the report.
-    reference = train_rows[list(FEATURE_COLUMNS)].sample(
-        n=min(len(train_rows), settings.drift_reference_rows), random_state=settings.random_seed
+    run_id, version = _log_run(
+        registry,
+        fitted,
+        model,
+        settings,
+        fingerprint=fingerprint,
+        uris=uris,
+        started=started,
+        validation=validation,
+        holdout=holdout_eval,
+        decision=decision,
     )
-    run_id, version = registry.log_training_run(
-        pipeline, metadata, params, mlflow_metrics, tags, artifacts=[], reference=reference
-    )
+    report = output_dir / "report.html"
     html = _training_report(
         version,
         data,
         fingerprint,
-        clf,
-        fit_seconds,
+        model,
+        fitted.fit_seconds,
         validation,
         holdout_eval,
         champion_holdout,
@@ -352,7 +305,101 @@ def register_trained(
         validation=validation.metrics,
         holdout=holdout_eval.metrics if holdout_eval else None,
         data=data,
-        fit_seconds=fit_seconds,
+        fit_seconds=fitted.fit_seconds,
+    )
+
+
+def _compare_on_holdout(
+    model: Scorer,
+    registry: Registry,
+    champion_version: str | None,
+    holdout_rows: pd.DataFrame,
+    y_holdout: np.ndarray,
+    settings: Settings,
+) -> tuple[Evaluation | None, dict[str, Any] | None]:
+    """The challenger's evaluation on the promotion holdout and the champion's metrics there;
+    None for either when there is nothing to compare on (no holdout rows of both classes)."""
+    if not (len(holdout_rows) and 0 < y_holdout.sum() < len(y_holdout)):
+        return None, None
+    challenger = _evaluate(
+        holdout_rows, y_holdout, model.probability(holdout_rows), model.threshold, settings
+    )
+    if champion_version is None:
+        return challenger, None
+    champion = registry.load(champion_version)
+    champion_metrics = _evaluate(
+        holdout_rows, y_holdout, champion.probability(holdout_rows), champion.threshold, settings
+    ).metrics
+    return challenger, champion_metrics
+
+
+def _model_facts(clf: BackorderClassifier, fit_seconds: float) -> dict[str, Any]:
+    return {
+        "trees": clf.n_trees_,
+        "cv_best_iterations": clf.best_iterations_,
+        "calibration_slope": clf.calibration_slope_,
+        "calibration_intercept": clf.calibration_intercept_,
+        "training_base_rate": clf.training_base_rate_,
+        "fit_seconds": fit_seconds,
+    }
+
+
+def _log_run(
+    registry: Registry,
+    fitted: Fitted,
+    model: Scorer,
+    settings: Settings,
+    *,
+    fingerprint: dict[str, Any],
+    uris: Sequence[str | Path],
+    started: datetime,
+    validation: Evaluation,
+    holdout: Evaluation | None,
+    decision: PromotionDecision,
+) -> tuple[str, str]:
+    """Log the run (params, metrics, tags, model, drift reference) to MLflow and register the
+    model; return (run id, model version)."""
+    train_rows, fit_seconds = fitted.validation_rows, fitted.fit_seconds
+    metadata = {
+        "trained_at": started.isoformat(timespec="seconds"),
+        "package_version": __version__,
+        "training_rows": fitted.training_rows or len(train_rows),
+        "training_positives": fitted.training_positives or int(fitted.validation_y.sum()),
+        "data_fingerprint": fingerprint,
+        "threshold": model.threshold,
+        "feature_names": model.feature_names,
+        "validation": _headline(validation.metrics),
+        "holdout": _headline(holdout.metrics) if holdout else None,
+        "cost_missed_backorder": settings.cost_missed_backorder,
+        "cost_false_alarm": settings.cost_false_alarm,
+        "watchlist_fraction": settings.watchlist_fraction,
+    }
+    params: dict[str, Any] = {
+        **{f"lightgbm_{k}": v for k, v in settings.lightgbm.model_dump().items()},
+        "cv_folds": settings.cv_folds,
+        "early_stopping_fraction": settings.early_stopping_fraction,
+        "holdout_fraction": settings.holdout_fraction,
+        "cost_missed_backorder": settings.cost_missed_backorder,
+        "cost_false_alarm": settings.cost_false_alarm,
+        "random_seed": settings.random_seed,
+        "trees": model.classifier.n_trees_,
+        "inputs": ",".join(redact(str(u)) for u in uris),
+        **fitted.params,
+    }
+    mlflow_metrics = {f"validation_{k}": v for k, v in flat_metrics(validation.metrics).items()}
+    if holdout:
+        mlflow_metrics |= {f"holdout_{k}": v for k, v in flat_metrics(holdout.metrics).items()}
+    mlflow_metrics["fit_seconds"] = fit_seconds
+    tags = {
+        "data_rows": str(fingerprint["rows"]),
+        "data_sha256": str(fingerprint["sha256"]),
+        "promotion": decision.reason,
+    }
+    reference = train_rows[list(FEATURE_COLUMNS)].sample(
+        n=min(len(train_rows), settings.drift_reference_rows), random_state=settings.random_seed
+    )
+    return registry.log_training_run(
+        fitted.pipeline, metadata, params, mlflow_metrics, tags, artifacts=[], reference=reference
     )
 
 
@@ -383,7 +430,7 @@ def _training_report(
     version: str,
     data: LabelledData,
     fingerprint: dict[str, Any],
-    clf: Any,
+    model: Scorer,
     fit_seconds: float,
     validation: Evaluation,
     holdout: Evaluation | None,
@@ -391,7 +438,7 @@ def _training_report(
     decision: PromotionDecision,
     fitted: Fitted,
 ) -> str:
-    train_rows, pipeline = fitted.validation_rows, fitted.pipeline
+    train_rows, clf = fitted.validation_rows, model.classifier
     sources = pd.DataFrame([asdict(s) for s in data.sources])
     body = "<h2>Inputs</h2>" + table(sources)
     if data.warnings:
@@ -399,7 +446,7 @@ def _training_report(
     body += (
         f"<h2>{fitted.validation_title}</h2>"
         f'<p class="note">{fitted.validation_note}</p>'
-        + evaluation_sections(validation, train_rows, pipeline)
+        + evaluation_sections(validation, train_rows, model)
     )
     body += "<h2>Promotion</h2>" + f"<p>{decision.reason}</p>"
     if holdout is not None:

@@ -14,7 +14,6 @@ from backorder.api_schema import (
     records_frame,
 )
 from backorder.contract import SKU
-from backorder.model import classifier_of
 from backorder.predict import score_with_reasons
 from backorder.web.deps import HolderDep, MetricsDep, SettingsDep
 
@@ -59,17 +58,16 @@ async def predict(
 def model_info(holder: HolderDep, settings: SettingsDep) -> ModelInfo:
     """The serving model: version, training time, metrics, threshold and features."""
     model = holder.require()
-    clf = classifier_of(model.pipeline)
     return ModelInfo(
         name=settings.model_name,
         version=model.version,
         aliases=model.aliases,
         trained_at=model.metadata.get("trained_at"),
-        threshold=clf.decision_threshold_,
-        training_base_rate=clf.training_base_rate_,
+        threshold=model.threshold,
+        training_base_rate=model.classifier.training_base_rate_,
         scoring_base_rate=settings.scoring_base_rate,
-        features=[str(f) for f in clf.feature_names_in_],
-        scoring_engine=clf.scoring_engine,
+        features=model.feature_names,
+        scoring_engine=model.scoring_engine,
         validation=model.metadata.get("validation"),
         holdout=model.metadata.get("holdout"),
     )

@@ -21,7 +21,6 @@ from backorder.api_schema import SkuRecord, records_frame
 from backorder.compiled import CompiledTreesUnavailable
 from backorder.config import Settings
 from backorder.errors import ModelNotFoundError
-from backorder.model import classifier_of
 from backorder.predict import score_with_reasons
 from backorder.registry import LoadedModel, Registry
 from backorder.web.metrics import Metrics
@@ -76,12 +75,7 @@ class ModelHolder:
                 return False
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", CompiledTreesUnavailable)
-                model = registry.load(
-                    version,
-                    base_rate=self.settings.scoring_base_rate,
-                    compiled=self.settings.compiled_trees,
-                    say=log.info,
-                )
+                model = registry.load_for_scoring(version, say=log.info)
             for warning in caught:
                 log.warning(str(warning.message), extra={"model_version": version})
             warm = records_frame([SkuRecord(**FORM_DEFAULTS)])
@@ -92,7 +86,7 @@ class ModelHolder:
             {
                 "version": model.version,
                 "ref": self.ref,
-                "scoring_engine": classifier_of(model.pipeline).scoring_engine,
+                "scoring_engine": model.scoring_engine,
             }
         )
         self.metrics.model_loaded.set(time.time())

@@ -20,7 +20,6 @@ from backorder.api_schema import SkuRecord, records_frame
 from backorder.contract import COLUMNS, FEATURE_COLUMNS, SKU
 from backorder.errors import BackorderError
 from backorder.explain import PLANNER_LABELS
-from backorder.model import classifier_of
 from backorder.predict import predict_file, score_with_reasons
 from backorder.web.deps import HolderDep, MetricsDep, SettingsDep
 from backorder.web.holder import FORM_DEFAULTS, ModelHolder
@@ -38,7 +37,7 @@ def render(
     base = {
         "fields": _form_fields(context.get("values") or FORM_DEFAULTS),
         "model_version": model.version if model else None,
-        "threshold": classifier_of(model.pipeline).decision_threshold_ if model else None,
+        "threshold": model.threshold if model else None,
         "upload_limit_mb": UPLOAD_LIMIT >> 20,
     }
     return templates.TemplateResponse(request, "index.html", base | context, status_code=status)
