@@ -16,6 +16,8 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.errors import SchemaErrors
 
+from backorder.errors import InputFileError
+
 SKU = "sku"
 LABEL = "went_on_backorder"
 ROW_NUMBER = "row_number"
@@ -121,6 +123,41 @@ def required_columns(require_label: bool) -> list[str]:
     return list(FEATURE_COLUMNS) + ([LABEL] if require_label else [])
 
 
+# -- naming the columns of an input ----------------------------------------------------------------
+def _canonical(name: str) -> str:
+    return name.replace("\ufeff", "").strip().strip('"').strip().lower()
+
+
+def contract_columns(name: str, raw_columns: list[str], subject: str, hint: str = "") -> list[str]:
+    """An input's column names with the contract's columns in canonical form (case, spaces,
+    BOM and quotes dropped), others as given; fails fast, naming the input, when a contract
+    column appears twice or none of them does. ``subject`` and ``hint`` word the second error
+    for the kind of input ("the header has" ... "; is it a CSV ...?")."""
+    canonical = [_canonical(c) for c in raw_columns]
+    seen: set[str] = set()
+    for column in canonical:
+        if column in SPECS and column in seen:
+            raise InputFileError(f"{name}: column '{column}' appears more than once")
+        seen.add(column)
+    if not any(column in FEATURE_COLUMNS for column in canonical):
+        raise InputFileError(
+            f"{name}: {subject} none of the expected columns (national_inv, lead_time, ...){hint}"
+        )
+    return [can if can in SPECS else raw for raw, can in zip(raw_columns, canonical, strict=True)]
+
+
+def require_columns(
+    name: str, columns: list[str], required: tuple[str, ...] | list[str], hint_if_many: str = ""
+) -> None:
+    """Fail fast, naming the input, when required contract columns are absent."""
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise InputFileError(
+            f"{name}: missing required column(s) {', '.join(missing)}"
+            + (hint_if_many if len(missing) > 3 else "")
+        )
+
+
 # Quantities expected to be >= 0. A negative one is scored as given but counted as a warning:
 # rejecting it would lose rows the model can still score.
 NON_NEGATIVE_QUANTITIES: tuple[str, ...] = tuple(
@@ -167,6 +204,30 @@ def _schema(require_label: bool) -> pa.DataFrameSchema:
 
 
 _SCHEMAS = {True: _schema(True), False: _schema(False)}
+
+
+@dataclass
+class BrokenRow:
+    """A line that could not be split into the header's fields."""
+
+    row_number: int
+    reason: str
+    text: str
+
+
+@dataclass
+class RawChunk:
+    """Rows as read: contract columns renamed to their canonical names, values as in the file.
+
+    The index is the 1-based data row number (row 1 is the line after the header).
+    """
+
+    frame: pd.DataFrame
+    broken: list[BrokenRow] = field(default_factory=list)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.frame) + len(self.broken)
 
 
 @dataclass
@@ -340,6 +401,20 @@ def reject_frame(raw: pd.DataFrame, reasons: dict[int, list[str]]) -> pd.DataFra
         frame[column] = original[column].to_numpy()
         frame[column] = frame[column].astype("string")
     frame[ORIGINAL_LINE] = pd.array([None] * len(rows), dtype="string")
+    return frame
+
+
+def broken_rows_frame(broken: list[BrokenRow], columns: list[str]) -> pd.DataFrame:
+    """Rejects-file rows for lines that could not be split into fields."""
+    frame = pd.DataFrame(
+        {
+            ROW_NUMBER: pd.array([b.row_number for b in broken], dtype="int64"),
+            REASON: pd.array([b.reason for b in broken], dtype="string"),
+        }
+    )
+    for column in columns:
+        frame[column] = pd.array([None] * len(broken), dtype="string")
+    frame[ORIGINAL_LINE] = pd.array([b.text for b in broken], dtype="string")
     return frame
 
 

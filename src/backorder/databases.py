@@ -23,8 +23,15 @@ from typing import Any
 
 import pandas as pd
 
-from backorder.errors import BackorderError, InputFileError, OutputError
-from backorder.io import contract_columns, first_line, require_columns
+from backorder.contract import (
+    LABEL,
+    REASON,
+    ROW_NUMBER,
+    RawChunk,
+    contract_columns,
+    require_columns,
+)
+from backorder.errors import BackorderError, InputFileError, OutputError, first_line
 
 SQL_SCHEMES = ("postgresql", "postgres", "sqlite", "mysql", "mariadb", "mssql", "oracle")
 MONGO_SCHEMES = ("mongodb", "mongodb+srv")
@@ -108,16 +115,12 @@ class DatabaseInput:
 
     @property
     def has_label(self) -> bool:
-        from backorder.contract import LABEL
-
         return LABEL in self.columns
 
     def position(self) -> int:
         return self._rows_read
 
-    def chunks(self) -> Iterator[Any]:
-        from backorder.io import RawChunk
-
+    def chunks(self) -> Iterator[RawChunk]:
         for batch in self._batches():
             frame = self._frame(batch)
             frame.index = pd.RangeIndex(self._rows_read + 1, self._rows_read + 1 + len(frame))
@@ -292,8 +295,6 @@ class DatabaseOutput:
         raise NotImplementedError
 
     def _shape(self, frame: pd.DataFrame) -> pd.DataFrame:
-        from backorder.contract import REASON, ROW_NUMBER
-
         if self.rejects:
             frame = _rejects_record(frame, [ROW_NUMBER, REASON])
         return frame

@@ -23,7 +23,6 @@ import threading
 import uuid
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol, overload
 
@@ -36,80 +35,21 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from backorder.contract import (
-    FEATURE_COLUMNS,
     FOOTER_PATTERN,
     FOOTER_REASON,
     LABEL,
-    ORIGINAL_LINE,
-    REASON,
-    ROW_NUMBER,
-    SPECS,
+    BrokenRow,
+    RawChunk,
+    contract_columns,
+    require_columns,
 )
-from backorder.errors import InputFileError, OutputError
+from backorder.errors import InputFileError, OutputError, first_line
 
 GZIP_MAGIC = b"\x1f\x8b"
 PARQUET_MAGIC = b"PAR1"
 ZIP_MAGIC = b"PK\x03\x04"
 SNIFF_BYTES = 64 * 1024
 OTHER_DELIMITERS = {";": "';'", "\t": "tab", "|": "'|'"}
-
-
-@dataclass
-class BrokenRow:
-    """A line that could not be split into the header's fields."""
-
-    row_number: int
-    reason: str
-    text: str
-
-
-@dataclass
-class RawChunk:
-    """Rows as read: contract columns renamed to their canonical names, values as in the file.
-
-    The index is the 1-based data row number (row 1 is the line after the header).
-    """
-
-    frame: pd.DataFrame
-    broken: list[BrokenRow] = field(default_factory=list)
-
-    @property
-    def n_rows(self) -> int:
-        return len(self.frame) + len(self.broken)
-
-
-def _canonical(name: str) -> str:
-    return name.replace("\ufeff", "").strip().strip('"').strip().lower()
-
-
-def contract_columns(name: str, raw_columns: list[str], subject: str, hint: str = "") -> list[str]:
-    """An input's column names with the contract's columns in canonical form (case, spaces,
-    BOM and quotes dropped), others as given; fails fast, naming the input, when a contract
-    column appears twice or none of them does. ``subject`` and ``hint`` word the second error
-    for the kind of input ("the header has" ... "; is it a CSV ...?")."""
-    canonical = [_canonical(c) for c in raw_columns]
-    seen: set[str] = set()
-    for column in canonical:
-        if column in SPECS and column in seen:
-            raise InputFileError(f"{name}: column '{column}' appears more than once")
-        seen.add(column)
-    if not any(column in FEATURE_COLUMNS for column in canonical):
-        raise InputFileError(
-            f"{name}: {subject} none of the expected columns (national_inv, lead_time, ...){hint}"
-        )
-    return [can if can in SPECS else raw for raw, can in zip(raw_columns, canonical, strict=True)]
-
-
-def require_columns(
-    name: str, columns: list[str], required: tuple[str, ...] | list[str], hint_if_many: str = ""
-) -> None:
-    """Fail fast, naming the input, when required contract columns are absent."""
-    missing = [c for c in required if c not in columns]
-    if missing:
-        raise InputFileError(
-            f"{name}: missing required column(s) {', '.join(missing)}"
-            + (hint_if_many if len(missing) > 3 else "")
-        )
 
 
 class InputTable:
@@ -335,24 +275,6 @@ class InputTable:
             raise InputFileError(f"{self.uri}: cannot be read ({first_line(exc)})") from None
         finally:
             self._raw_handle.close()
-
-
-def first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-
-
-def broken_rows_frame(broken: list[BrokenRow], columns: list[str]) -> pd.DataFrame:
-    """Rejects-file rows for lines that could not be split into fields."""
-    frame = pd.DataFrame(
-        {
-            ROW_NUMBER: pd.array([b.row_number for b in broken], dtype="int64"),
-            REASON: pd.array([b.reason for b in broken], dtype="string"),
-        }
-    )
-    for column in columns:
-        frame[column] = pd.array([None] * len(broken), dtype="string")
-    frame[ORIGINAL_LINE] = pd.array([b.text for b in broken], dtype="string")
-    return frame
 
 
 # -- writing -----------------------------------------------------------------------------------
