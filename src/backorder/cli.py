@@ -158,7 +158,7 @@ def _reading_progress() -> Iterator[Callable[[Any], None]]:
 
 def _with_tables(uris: list[str], tables: list[str]) -> list[str]:
     """Pair each database URI that names no table (``URI#TABLE``) with the next --data-table."""
-    from backorder.databases import is_database
+    from backorder.io import is_database
 
     remaining = list(tables)
     paired = []
@@ -317,8 +317,8 @@ def predict(
     config: ConfigOption = None,
 ) -> None:
     """Score a batch: every row is scored or written to the rejects with its reason."""
-    from backorder.data import check_inputs
-    from backorder.databases import with_table
+    from backorder.contract import required_columns
+    from backorder.io import open_input, with_table
     from backorder.model import classifier_of
     from backorder.predict import predict_file
     from backorder.registry import Registry
@@ -346,9 +346,9 @@ def predict(
     source = with_table(input, input_table)
     target = with_table(output, output_table)
     rejects_target = with_table(rejects or output, rejects_table) if rejects_table else rejects
-    _guard(
-        lambda: check_inputs([source], require_label=False, block_bytes=settings.read_block_bytes)
-    )
+    # Whole-input problems fail fast, before the slow model load; the input is opened once.
+    table = _guard(lambda: open_input(source, block_bytes=settings.read_block_bytes))
+    _guard(lambda: table.require(required_columns(False)))
     loaded = _guard(
         lambda: Registry(settings).load(
             model, settings.scoring_base_rate, compiled=settings.compiled_trees, say=_say
@@ -360,7 +360,7 @@ def predict(
     with _reading_progress() as on_chunk:
         summary = _guard(
             lambda: predict_file(
-                source, target, loaded, settings, rejects_target, on_chunk, batch_id
+                table, target, loaded, settings, rejects_target, on_chunk, batch_id
             )
         )
     out.print(summary.line(), highlight=False)

@@ -21,8 +21,7 @@ from backorder.contract import (
     required_columns,
     validate_chunk,
 )
-from backorder.databases import redact
-from backorder.io import Source, open_input
+from backorder.io import Source, open_input, redact
 
 # Called with the input (an InputTable or a database table) after each chunk, for progress.
 ChunkProgress = Callable[[Source], None]

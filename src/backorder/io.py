@@ -7,6 +7,9 @@ Parquet files, read in bounded chunks, or database tables named ``URI#TABLE`` (s
 beside the target and is renamed into place only when complete; a remote object is written to a
 local temporary file and uploaded as one object only when complete (an S3 upload appears whole
 or not at all). An interrupted run never leaves a partial output behind.
+
+What a URI names (remote or local, table file or database table) is ``backorder.uris``;
+callers import it from here, like everything else the seam offers (``__all__``).
 """
 
 from __future__ import annotations
@@ -43,7 +46,41 @@ from backorder.contract import (
     contract_columns,
     require_columns,
 )
+from backorder.databases import open_database_input, open_database_output
 from backorder.errors import InputFileError, OutputError, first_line
+from backorder.uris import (
+    TABLE_SUFFIXES,
+    is_database,
+    is_remote,
+    redact,
+    split_table,
+    table_format,
+    table_suffix,
+    with_table,
+)
+
+__all__ = [
+    "TABLE_SUFFIXES",
+    "BackgroundSink",
+    "InputTable",
+    "Sink",
+    "Source",
+    "TableWriter",
+    "copy_atomic",
+    "is_database",
+    "is_remote",
+    "open_input",
+    "open_output",
+    "prefetch",
+    "redact",
+    "split_table",
+    "table_format",
+    "table_suffix",
+    "with_table",
+    "write_json_atomic",
+    "write_table_atomic",
+    "write_text_atomic",
+]
 
 GZIP_MAGIC = b"\x1f\x8b"
 PARQUET_MAGIC = b"PAR1"
@@ -278,26 +315,8 @@ class InputTable:
 
 
 # -- writing -----------------------------------------------------------------------------------
-def table_format(uri: str | Path) -> str:
-    """'parquet', 'csv' or 'csv.gz', from the output's extension."""
-    name = str(uri).lower()
-    if name.endswith((".parquet", ".pq")):
-        return "parquet"
-    if name.endswith(".csv"):
-        return "csv"
-    if name.endswith(".csv.gz"):
-        return "csv.gz"
-    raise InputFileError(f"{uri}: output must end with .parquet, .csv or .csv.gz")
-
-
 def _temp_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def is_remote(uri: str | Path) -> bool:
-    """True for fsspec URLs other than local files (s3://, gs://, memory://, ...)."""
-    text = str(uri)
-    return "://" in text and not text.startswith("file://")
 
 
 def _local_temp(name: str) -> Path:
@@ -495,8 +514,6 @@ class Sink(Protocol):
 
 def open_input(uri: str | Path, block_bytes: int = 8 << 20) -> Source:
     """An input file (``InputTable``) or database table (``URI#TABLE``), opened and checked."""
-    from backorder.databases import is_database, open_database_input
-
     if is_database(str(uri)):
         return open_database_input(str(uri), block_rows=max(10_000, block_bytes // 200))
     return InputTable(uri, block_bytes=block_bytes)
@@ -506,8 +523,6 @@ def open_output(
     uri: str | Path, template: pd.DataFrame, batch_id: str, rejects: bool = False
 ) -> Sink:
     """A writer with ``write``/``commit``/``abort`` for a file, object or database table."""
-    from backorder.databases import is_database, open_database_output
-
     if is_database(str(uri)):
         return open_database_output(str(uri), template, batch_id, rejects)
     return TableWriter(uri, template)
