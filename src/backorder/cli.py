@@ -453,7 +453,7 @@ def land(
     config: ConfigOption = None,
 ) -> None:
     """Drop a file into the landing layout under a batch id, for the pipelines to pick up."""
-    from backorder.pipelines import LABELLED, UNSCORED, Landing
+    from backorder.catalog import LABELLED, UNSCORED, Landing
 
     if kind not in (LABELLED, UNSCORED):
         _fail(f"--kind {kind}: expected {UNSCORED} or {LABELLED}", 2)
@@ -470,7 +470,7 @@ def batches(
 ) -> None:
     """Show the manifest (what was scored or trained, when, by which model) and what waits."""
 
-    from backorder.pipelines import (
+    from backorder.catalog import (
         LABELLED,
         UNSCORED,
         Landing,
