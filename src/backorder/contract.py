@@ -282,25 +282,31 @@ def _fmt(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+# Row number -> why the row is rejected, in the order the checks found it.
+Reasons = dict[int, list[str]]
+
+
 def validate_chunk(raw: pd.DataFrame, require_label: bool) -> ValidatedChunk:
     """Parse and validate raw rows against the contract.
 
     ``raw`` holds one input chunk with contract column names (other columns are ignored) and the
     1-based data row numbers as its index. Every row ends up in exactly one of the outputs.
     """
-    reasons: dict[int, list[str]] = {}
-    index = raw.index
-    row_ids = index.to_numpy()
+    typed, unparseable = _parse(raw, require_label)
+    footer = _footer_rows(raw, typed)
+    reasons: Reasons = {}
+    _reject_unparseable(raw, unparseable, footer, reasons)
+    _reject_rule_violations(typed, require_label, unparseable, footer, reasons)
+    _reject_footers_and_empty_lines(typed, footer, reasons)
+    rows = _accepted_rows(raw, typed, raw.index.isin(list(reasons)), require_label)
+    return ValidatedChunk(
+        rows=rows, rejects=reject_frame(raw, reasons), warnings=_negative_quantities(rows)
+    )
 
-    def add(mask: pd.Series, column: str, template: str) -> None:
-        """Record ``template`` (with ``{value}`` for the raw cell) for every row in ``mask``."""
-        hit = np.flatnonzero(mask.to_numpy(dtype=bool))
-        for row, value in zip(row_ids[hit], raw[column].to_numpy()[hit], strict=True):
-            reasons.setdefault(int(row), []).append(
-                f"{column}: " + template.format(value=_fmt(value))
-            )
 
-    typed = pd.DataFrame(index=index)
+def _parse(raw: pd.DataFrame, require_label: bool) -> tuple[pd.DataFrame, dict[str, pd.Series]]:
+    """Typed values (NaN where empty or unparseable) and, per column, the unparseable cells."""
+    typed = pd.DataFrame(index=raw.index)
     unparseable: dict[str, pd.Series] = {}
     for name in NUMERIC_COLUMNS:
         values, _, bad = _parse_numeric(raw[name])
@@ -312,15 +318,18 @@ def validate_chunk(raw: pd.DataFrame, require_label: bool) -> ValidatedChunk:
         values, _, bad = _parse_flag(raw[name])
         typed[name] = values
         unparseable[name] = bad
-    has_label = LABEL in raw.columns
-    if has_label:
+    if LABEL in raw.columns:
         values, _, bad = _parse_flag(raw[LABEL])
         typed[LABEL] = values
         if require_label:
             unparseable[LABEL] = bad
+    return typed, unparseable
 
+
+def _footer_rows(raw: pd.DataFrame, typed: pd.DataFrame) -> pd.Series:
+    """Rows that are a "(N rows)" footer some exports append."""
     # A footer has no stock figure, so only rows without one are searched for "(N rows)".
-    footer = pd.Series(False, index=index)
+    footer = pd.Series(False, index=raw.index)
     candidates = typed["national_inv"].isna().to_numpy()
     if candidates.any():
         for column in raw.columns:
@@ -328,8 +337,14 @@ def validate_chunk(raw: pd.DataFrame, require_label: bool) -> ValidatedChunk:
                 text = _as_text(raw[column][candidates])
                 found = text.str.fullmatch(FOOTER_PATTERN.pattern).fillna(False).astype(bool)
                 footer[found.index[found.to_numpy()]] = True
-    not_footer = ~footer
+    return footer
 
+
+def _reject_unparseable(
+    raw: pd.DataFrame, unparseable: dict[str, pd.Series], footer: pd.Series, reasons: Reasons
+) -> None:
+    """A reason, quoting the cell, for every cell that is not a number or a known flag."""
+    row_ids = raw.index.to_numpy()
     for name, bad in unparseable.items():
         if name in NUMERIC_COLUMNS:
             template = "not a number: '{value}'"
@@ -337,8 +352,23 @@ def validate_chunk(raw: pd.DataFrame, require_label: bool) -> ValidatedChunk:
             template = "unknown label '{value}' (expected Yes/No or 1/0)"
         else:
             template = "unknown flag value '{value}' (expected Yes or No)"
-        add(bad & not_footer, name, template)
+        hit = np.flatnonzero((bad & ~footer).to_numpy(dtype=bool))
+        for row, value in zip(row_ids[hit], raw[name].to_numpy()[hit], strict=True):
+            reasons.setdefault(int(row), []).append(
+                f"{name}: " + template.format(value=_fmt(value))
+            )
 
+
+def _reject_rule_violations(
+    typed: pd.DataFrame,
+    require_label: bool,
+    unparseable: dict[str, pd.Series],
+    footer: pd.Series,
+    reasons: Reasons,
+) -> None:
+    """A reason for every domain rule a parsed value breaks (range, finiteness, required)."""
+    row_ids = typed.index.to_numpy()
+    # An unparseable cell is NaN here too: it has its reason already, not also "missing value".
     skipped = {
         (col, int(row)) for col, bad in unparseable.items() for row in row_ids[bad.to_numpy()]
     }
@@ -362,29 +392,42 @@ def validate_chunk(raw: pd.DataFrame, require_label: bool) -> ValidatedChunk:
             message = "missing value" if check == "not_nullable" else f"{check} (got {_fmt(value)})"
             reasons.setdefault(row, []).append(f"{column}: {message}")
 
+
+def _reject_footers_and_empty_lines(
+    typed: pd.DataFrame, footer: pd.Series, reasons: Reasons
+) -> None:
+    """Footers and empty lines get one reason of their own instead of a reason per column."""
+    index = typed.index
     for row in index[footer.to_numpy()]:
         reasons[int(row)] = [FOOTER_REASON]
     blank = typed[list(FEATURE_COLUMNS)].isna().all(axis=1).to_numpy()
     for row in index[blank & ~footer.to_numpy()]:
         reasons[int(row)] = ["empty line: no values in any column"]
 
-    rejected = index.isin(list(reasons))
+
+def _accepted_rows(
+    raw: pd.DataFrame, typed: pd.DataFrame, rejected: np.ndarray, require_label: bool
+) -> pd.DataFrame:
+    """The typed rows not rejected, with ``sku`` as text first and the label only if required."""
     rows = typed.loc[~rejected]
-    if has_label and not require_label:
+    if LABEL in raw.columns and not require_label:
         rows = rows.drop(columns=[LABEL])
     if SKU in raw.columns:
         sku = raw.loc[~rejected, SKU]
         if pd.api.types.is_float_dtype(sku.dtype):  # integer ids read from Parquet with nulls
             sku = sku.astype("Int64")
         rows.insert(0, SKU, sku.astype("string"))
+    return rows
 
+
+def _negative_quantities(rows: pd.DataFrame) -> Counter[str]:
+    """Warnings for quantities below zero, which are scored as given."""
     warnings: Counter[str] = Counter()
     for name in NON_NEGATIVE_QUANTITIES:
         count = int((rows[name] < 0).sum())
         if count:
             warnings[f"{name} negative (scored as given)"] += count
-
-    return ValidatedChunk(rows=rows, rejects=reject_frame(raw, reasons), warnings=warnings)
+    return warnings
 
 
 def reject_frame(raw: pd.DataFrame, reasons: dict[int, list[str]]) -> pd.DataFrame:
