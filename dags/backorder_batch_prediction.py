@@ -18,6 +18,7 @@ from typing import Any
 
 from airflow.sdk import dag, task, task_group
 
+from backorder.catalog import UNSCORED
 from backorder.dag_support import (
     DAG_ARGS,
     drift,
@@ -26,7 +27,6 @@ from backorder.dag_support import (
     settings,
     validate,
 )
-from backorder.pipelines import UNSCORED
 
 DEFAULT_ARGS = {
     # Transient store outages heal; bad files and drift blocks fail at once (no retry).
@@ -47,7 +47,7 @@ def backorder_batch_prediction() -> None:
     def find_pending() -> list[str]:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from backorder.pipelines import pending_scoring
+        from backorder.catalog import pending_scoring
 
         pending = pending_scoring(landing_root())
         if not pending:

@@ -13,8 +13,8 @@ from typing import Any
 
 from airflow.sdk import dag, task
 
+from backorder.catalog import LABELLED
 from backorder.dag_support import DAG_ARGS, drift, landing_root, settings, validate
-from backorder.pipelines import LABELLED
 
 DEFAULT_ARGS = {"retries": 1, "retry_delay": timedelta(minutes=5)}
 
@@ -31,7 +31,7 @@ def backorder_training() -> None:
     def find_new_labelled() -> list[str]:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from backorder.pipelines import pending_training
+        from backorder.catalog import pending_training
 
         new = pending_training(landing_root())
         if not new:

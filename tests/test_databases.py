@@ -15,10 +15,11 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
+from backorder.catalog import UNSCORED, Landing
 from backorder.config import Settings
 from backorder.databases import sqlalchemy_url
 from backorder.errors import InputFileError, OutputError
-from backorder.pipelines import UNSCORED, Landing, score_pending
+from backorder.pipelines import score_pending
 from backorder.predict import predict_file
 from backorder.registry import Registry
 from tests.conftest import SAMPLE, make_settings, run_cli

@@ -13,6 +13,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from backorder.config import Settings
 from backorder.contract import FEATURE_COLUMNS, LABEL
 from backorder.data import load_labelled, validated_chunks
 from backorder.errors import InputFileError
@@ -257,3 +258,42 @@ def test_background_sink_reports_a_failed_write_and_leaves_nothing(tmp_path: Pat
         sink.commit()
     sink.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_one_suffix_rule_names_table_files() -> None:
+    from backorder.io import table_format, table_suffix
+    from backorder.predict import default_rejects_path
+
+    assert table_suffix("s3://b/k/part.0.CSV.gz") == ".CSV.gz"
+    assert table_suffix("x.parquet.bak") is None
+    assert [table_format(n) for n in ("a.pq", "a.Parquet", "a.csv", "a.csv.gz")] == [
+        "parquet",
+        "parquet",
+        "csv",
+        "csv.gz",
+    ]
+    assert default_rejects_path("out/p.csv.gz") == "out/p.rejects.csv.gz"
+    with pytest.raises(InputFileError, match=r"x\.txt: output must end with"):
+        default_rejects_path("x.txt")
+
+
+def test_predict_file_scores_an_input_opened_already(
+    tmp_path: Path, trained_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`backorder predict` checks its input before loading the model, then scores that same
+    opened input: it is not opened a second time."""
+    from backorder import predict
+    from backorder.registry import Registry
+
+    batch = ROOT / "data" / "sample" / "new_batch.csv.gz"
+    table = InputTable(batch)
+    model = Registry(trained_settings).load("champion")
+
+    def opened_again(*_: object, **__: object) -> None:
+        raise AssertionError("the input was opened a second time")
+
+    monkeypatch.setattr(predict, "open_input", opened_again)
+    summary = predict.predict_file(table, tmp_path / "p.parquet", model, trained_settings)
+    assert summary.input == str(batch)
+    assert summary.read == summary.scored + summary.rejected > 0
+    assert len(pd.read_parquet(tmp_path / "p.parquet")) == summary.scored

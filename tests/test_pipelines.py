@@ -9,18 +9,20 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from backorder.catalog import (
+    LABELLED,
+    UNSCORED,
+    Landing,
+    batch_id_of,
+    pending_scoring,
+    pending_training,
+)
 from backorder.config import Settings
 from backorder.errors import BackorderError, InputFileError
 from backorder.logs import JsonFormatter
 from backorder.pipelines import (
-    LABELLED,
-    UNSCORED,
     DriftBlocked,
-    Landing,
-    batch_id_of,
     check_drift,
-    pending_scoring,
-    pending_training,
     score_batch,
     score_pending,
     train_if_new,

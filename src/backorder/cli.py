@@ -186,7 +186,7 @@ def _reading_progress() -> Iterator[Callable[[Any], None]]:
 
 def _with_tables(uris: list[str], tables: list[str]) -> list[str]:
     """Pair each database URI that names no table (``URI#TABLE``) with the next --data-table."""
-    from backorder.databases import is_database
+    from backorder.io import is_database
 
     remaining = list(tables)
     paired = []
@@ -345,8 +345,8 @@ def predict(
     config: ConfigOption = None,
 ) -> None:
     """Score a batch: every row is scored or written to the rejects with its reason."""
-    from backorder.data import check_inputs
-    from backorder.databases import with_table
+    from backorder.contract import required_columns
+    from backorder.io import open_input, with_table
     from backorder.predict import predict_file
     from backorder.registry import Registry
 
@@ -373,9 +373,9 @@ def predict(
     source = with_table(input, input_table)
     target = with_table(output, output_table)
     rejects_target = with_table(rejects or output, rejects_table) if rejects_table else rejects
-    _guard(
-        lambda: check_inputs([source], require_label=False, block_bytes=settings.read_block_bytes)
-    )
+    # Whole-input problems fail fast, before the slow model load; the input is opened once.
+    table = _guard(lambda: open_input(source, block_bytes=settings.read_block_bytes))
+    _guard(lambda: table.require(required_columns(False)))
     loaded = _guard(lambda: Registry(settings).load_for_scoring(model, say=_say))
     bind(model_version=loaded.version)
     engine_used = loaded.scoring_engine
@@ -383,7 +383,7 @@ def predict(
     with _reading_progress() as on_chunk:
         summary = _guard(
             lambda: predict_file(
-                source, target, loaded, settings, rejects_target, on_chunk, batch_id
+                table, target, loaded, settings, rejects_target, on_chunk, batch_id
             )
         )
     out.print(summary.line(), highlight=False)
@@ -471,7 +471,7 @@ def land(
     config: ConfigOption = None,
 ) -> None:
     """Drop a file into the landing layout under a batch id, for the pipelines to pick up."""
-    from backorder.pipelines import LABELLED, UNSCORED, Landing
+    from backorder.catalog import LABELLED, UNSCORED, Landing
 
     if kind not in (LABELLED, UNSCORED):
         _fail(f"--kind {kind}: expected {UNSCORED} or {LABELLED}", 2)
@@ -488,7 +488,7 @@ def batches(
 ) -> None:
     """Show the manifest (what was scored or trained, when, by which model) and what waits."""
 
-    from backorder.pipelines import (
+    from backorder.catalog import (
         LABELLED,
         UNSCORED,
         Landing,

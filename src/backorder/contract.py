@@ -16,6 +16,8 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.errors import SchemaErrors
 
+from backorder.errors import InputFileError
+
 SKU = "sku"
 LABEL = "went_on_backorder"
 ROW_NUMBER = "row_number"
@@ -121,6 +123,41 @@ def required_columns(require_label: bool) -> list[str]:
     return list(FEATURE_COLUMNS) + ([LABEL] if require_label else [])
 
 
+# -- naming the columns of an input ----------------------------------------------------------------
+def _canonical(name: str) -> str:
+    return name.replace("\ufeff", "").strip().strip('"').strip().lower()
+
+
+def contract_columns(name: str, raw_columns: list[str], subject: str, hint: str = "") -> list[str]:
+    """An input's column names with the contract's columns in canonical form (case, spaces,
+    BOM and quotes dropped), others as given; fails fast, naming the input, when a contract
+    column appears twice or none of them does. ``subject`` and ``hint`` word the second error
+    for the kind of input ("the header has" ... "; is it a CSV ...?")."""
+    canonical = [_canonical(c) for c in raw_columns]
+    seen: set[str] = set()
+    for column in canonical:
+        if column in SPECS and column in seen:
+            raise InputFileError(f"{name}: column '{column}' appears more than once")
+        seen.add(column)
+    if not any(column in FEATURE_COLUMNS for column in canonical):
+        raise InputFileError(
+            f"{name}: {subject} none of the expected columns (national_inv, lead_time, ...){hint}"
+        )
+    return [can if can in SPECS else raw for raw, can in zip(raw_columns, canonical, strict=True)]
+
+
+def require_columns(
+    name: str, columns: list[str], required: tuple[str, ...] | list[str], hint_if_many: str = ""
+) -> None:
+    """Fail fast, naming the input, when required contract columns are absent."""
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise InputFileError(
+            f"{name}: missing required column(s) {', '.join(missing)}"
+            + (hint_if_many if len(missing) > 3 else "")
+        )
+
+
 # Quantities expected to be >= 0. A negative one is scored as given but counted as a warning:
 # rejecting it would lose rows the model can still score.
 NON_NEGATIVE_QUANTITIES: tuple[str, ...] = tuple(
@@ -167,6 +204,30 @@ def _schema(require_label: bool) -> pa.DataFrameSchema:
 
 
 _SCHEMAS = {True: _schema(True), False: _schema(False)}
+
+
+@dataclass
+class BrokenRow:
+    """A line that could not be split into the header's fields."""
+
+    row_number: int
+    reason: str
+    text: str
+
+
+@dataclass
+class RawChunk:
+    """Rows as read: contract columns renamed to their canonical names, values as in the file.
+
+    The index is the 1-based data row number (row 1 is the line after the header).
+    """
+
+    frame: pd.DataFrame
+    broken: list[BrokenRow] = field(default_factory=list)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.frame) + len(self.broken)
 
 
 @dataclass
@@ -221,25 +282,31 @@ def _fmt(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+# Row number -> why the row is rejected, in the order the checks found it.
+Reasons = dict[int, list[str]]
+
+
 def validate_chunk(raw: pd.DataFrame, require_label: bool) -> ValidatedChunk:
     """Parse and validate raw rows against the contract.
 
     ``raw`` holds one input chunk with contract column names (other columns are ignored) and the
     1-based data row numbers as its index. Every row ends up in exactly one of the outputs.
     """
-    reasons: dict[int, list[str]] = {}
-    index = raw.index
-    row_ids = index.to_numpy()
+    typed, unparseable = _parse(raw, require_label)
+    footer = _footer_rows(raw, typed)
+    reasons: Reasons = {}
+    _reject_unparseable(raw, unparseable, footer, reasons)
+    _reject_rule_violations(typed, require_label, unparseable, footer, reasons)
+    _reject_footers_and_empty_lines(typed, footer, reasons)
+    rows = _accepted_rows(raw, typed, raw.index.isin(list(reasons)), require_label)
+    return ValidatedChunk(
+        rows=rows, rejects=reject_frame(raw, reasons), warnings=_negative_quantities(rows)
+    )
 
-    def add(mask: pd.Series, column: str, template: str) -> None:
-        """Record ``template`` (with ``{value}`` for the raw cell) for every row in ``mask``."""
-        hit = np.flatnonzero(mask.to_numpy(dtype=bool))
-        for row, value in zip(row_ids[hit], raw[column].to_numpy()[hit], strict=True):
-            reasons.setdefault(int(row), []).append(
-                f"{column}: " + template.format(value=_fmt(value))
-            )
 
-    typed = pd.DataFrame(index=index)
+def _parse(raw: pd.DataFrame, require_label: bool) -> tuple[pd.DataFrame, dict[str, pd.Series]]:
+    """Typed values (NaN where empty or unparseable) and, per column, the unparseable cells."""
+    typed = pd.DataFrame(index=raw.index)
     unparseable: dict[str, pd.Series] = {}
     for name in NUMERIC_COLUMNS:
         values, _, bad = _parse_numeric(raw[name])
@@ -251,15 +318,18 @@ def validate_chunk(raw: pd.DataFrame, require_label: bool) -> ValidatedChunk:
         values, _, bad = _parse_flag(raw[name])
         typed[name] = values
         unparseable[name] = bad
-    has_label = LABEL in raw.columns
-    if has_label:
+    if LABEL in raw.columns:
         values, _, bad = _parse_flag(raw[LABEL])
         typed[LABEL] = values
         if require_label:
             unparseable[LABEL] = bad
+    return typed, unparseable
 
+
+def _footer_rows(raw: pd.DataFrame, typed: pd.DataFrame) -> pd.Series:
+    """Rows that are a "(N rows)" footer some exports append."""
     # A footer has no stock figure, so only rows without one are searched for "(N rows)".
-    footer = pd.Series(False, index=index)
+    footer = pd.Series(False, index=raw.index)
     candidates = typed["national_inv"].isna().to_numpy()
     if candidates.any():
         for column in raw.columns:
@@ -267,8 +337,14 @@ def validate_chunk(raw: pd.DataFrame, require_label: bool) -> ValidatedChunk:
                 text = _as_text(raw[column][candidates])
                 found = text.str.fullmatch(FOOTER_PATTERN.pattern).fillna(False).astype(bool)
                 footer[found.index[found.to_numpy()]] = True
-    not_footer = ~footer
+    return footer
 
+
+def _reject_unparseable(
+    raw: pd.DataFrame, unparseable: dict[str, pd.Series], footer: pd.Series, reasons: Reasons
+) -> None:
+    """A reason, quoting the cell, for every cell that is not a number or a known flag."""
+    row_ids = raw.index.to_numpy()
     for name, bad in unparseable.items():
         if name in NUMERIC_COLUMNS:
             template = "not a number: '{value}'"
@@ -276,8 +352,23 @@ def validate_chunk(raw: pd.DataFrame, require_label: bool) -> ValidatedChunk:
             template = "unknown label '{value}' (expected Yes/No or 1/0)"
         else:
             template = "unknown flag value '{value}' (expected Yes or No)"
-        add(bad & not_footer, name, template)
+        hit = np.flatnonzero((bad & ~footer).to_numpy(dtype=bool))
+        for row, value in zip(row_ids[hit], raw[name].to_numpy()[hit], strict=True):
+            reasons.setdefault(int(row), []).append(
+                f"{name}: " + template.format(value=_fmt(value))
+            )
 
+
+def _reject_rule_violations(
+    typed: pd.DataFrame,
+    require_label: bool,
+    unparseable: dict[str, pd.Series],
+    footer: pd.Series,
+    reasons: Reasons,
+) -> None:
+    """A reason for every domain rule a parsed value breaks (range, finiteness, required)."""
+    row_ids = typed.index.to_numpy()
+    # An unparseable cell is NaN here too: it has its reason already, not also "missing value".
     skipped = {
         (col, int(row)) for col, bad in unparseable.items() for row in row_ids[bad.to_numpy()]
     }
@@ -301,29 +392,42 @@ def validate_chunk(raw: pd.DataFrame, require_label: bool) -> ValidatedChunk:
             message = "missing value" if check == "not_nullable" else f"{check} (got {_fmt(value)})"
             reasons.setdefault(row, []).append(f"{column}: {message}")
 
+
+def _reject_footers_and_empty_lines(
+    typed: pd.DataFrame, footer: pd.Series, reasons: Reasons
+) -> None:
+    """Footers and empty lines get one reason of their own instead of a reason per column."""
+    index = typed.index
     for row in index[footer.to_numpy()]:
         reasons[int(row)] = [FOOTER_REASON]
     blank = typed[list(FEATURE_COLUMNS)].isna().all(axis=1).to_numpy()
     for row in index[blank & ~footer.to_numpy()]:
         reasons[int(row)] = ["empty line: no values in any column"]
 
-    rejected = index.isin(list(reasons))
+
+def _accepted_rows(
+    raw: pd.DataFrame, typed: pd.DataFrame, rejected: np.ndarray, require_label: bool
+) -> pd.DataFrame:
+    """The typed rows not rejected, with ``sku`` as text first and the label only if required."""
     rows = typed.loc[~rejected]
-    if has_label and not require_label:
+    if LABEL in raw.columns and not require_label:
         rows = rows.drop(columns=[LABEL])
     if SKU in raw.columns:
         sku = raw.loc[~rejected, SKU]
         if pd.api.types.is_float_dtype(sku.dtype):  # integer ids read from Parquet with nulls
             sku = sku.astype("Int64")
         rows.insert(0, SKU, sku.astype("string"))
+    return rows
 
+
+def _negative_quantities(rows: pd.DataFrame) -> Counter[str]:
+    """Warnings for quantities below zero, which are scored as given."""
     warnings: Counter[str] = Counter()
     for name in NON_NEGATIVE_QUANTITIES:
         count = int((rows[name] < 0).sum())
         if count:
             warnings[f"{name} negative (scored as given)"] += count
-
-    return ValidatedChunk(rows=rows, rejects=reject_frame(raw, reasons), warnings=warnings)
+    return warnings
 
 
 def reject_frame(raw: pd.DataFrame, reasons: dict[int, list[str]]) -> pd.DataFrame:
@@ -340,6 +444,20 @@ def reject_frame(raw: pd.DataFrame, reasons: dict[int, list[str]]) -> pd.DataFra
         frame[column] = original[column].to_numpy()
         frame[column] = frame[column].astype("string")
     frame[ORIGINAL_LINE] = pd.array([None] * len(rows), dtype="string")
+    return frame
+
+
+def broken_rows_frame(broken: list[BrokenRow], columns: list[str]) -> pd.DataFrame:
+    """Rejects-file rows for lines that could not be split into fields."""
+    frame = pd.DataFrame(
+        {
+            ROW_NUMBER: pd.array([b.row_number for b in broken], dtype="int64"),
+            REASON: pd.array([b.reason for b in broken], dtype="string"),
+        }
+    )
+    for column in columns:
+        frame[column] = pd.array([None] * len(broken), dtype="string")
+    frame[ORIGINAL_LINE] = pd.array([b.text for b in broken], dtype="string")
     return frame
 
 

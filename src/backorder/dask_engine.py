@@ -26,9 +26,8 @@ import fsspec.core
 
 from backorder.config import Settings
 from backorder.errors import BackorderError, InputFileError
-from backorder.io import is_remote, write_json_atomic
+from backorder.io import is_remote, table_suffix, write_json_atomic
 
-PARTITION_SUFFIXES = (".parquet", ".pq", ".csv", ".csv.gz")
 _models: dict[tuple[str, str, bool], Any] = {}  # per worker process: loaded once, reused
 
 
@@ -45,7 +44,7 @@ def partitions(uri: str) -> list[str]:
     found = [
         protocol + name
         for name in names
-        if name.lower().endswith(PARTITION_SUFFIXES)
+        if table_suffix(name) is not None
         and not Path(name).name.startswith((".", "_"))
         and ".rejects." not in Path(name).name
     ]
@@ -56,10 +55,8 @@ def partitions(uri: str) -> list[str]:
 
 def _output_name(partition: str) -> str:
     name = Path(partition).name
-    for suffix in sorted(PARTITION_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)] + ".parquet"
-    return name + ".parquet"
+    suffix = table_suffix(name) or ""
+    return name[: len(name) - len(suffix)] + ".parquet"
 
 
 def score_partition(

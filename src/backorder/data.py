@@ -17,11 +17,11 @@ from backorder.contract import (
     REASON,
     ROW_NUMBER,
     ValidatedChunk,
+    broken_rows_frame,
     required_columns,
     validate_chunk,
 )
-from backorder.databases import redact
-from backorder.io import Source, broken_rows_frame, open_input
+from backorder.io import Source, open_input, redact
 
 # Called with the input (an InputTable or a database table) after each chunk, for progress.
 ChunkProgress = Callable[[Source], None]

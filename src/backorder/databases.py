@@ -23,52 +23,19 @@ from typing import Any
 
 import pandas as pd
 
-from backorder.errors import BackorderError, InputFileError, OutputError
-from backorder.io import contract_columns, first_line, require_columns
+from backorder.contract import (
+    LABEL,
+    REASON,
+    ROW_NUMBER,
+    RawChunk,
+    contract_columns,
+    require_columns,
+)
+from backorder.errors import BackorderError, InputFileError, OutputError, first_line
+from backorder.uris import is_mongo, redact, split_table
 
-SQL_SCHEMES = ("postgresql", "postgres", "sqlite", "mysql", "mariadb", "mssql", "oracle")
-MONGO_SCHEMES = ("mongodb", "mongodb+srv")
 BATCH_ID = "batch_id"
 RUN_ID = "run_id"
-
-
-def scheme_of(uri: str) -> str:
-    head, sep, _ = uri.partition("://")
-    return head.split("+")[0].lower() if sep else ""
-
-
-def is_sql(uri: str) -> bool:
-    return scheme_of(uri) in SQL_SCHEMES
-
-
-def is_mongo(uri: str) -> bool:
-    return uri.partition("://")[0].lower() in MONGO_SCHEMES
-
-
-def is_database(uri: str) -> bool:
-    return is_sql(uri) or is_mongo(uri)
-
-
-def split_table(uri: str) -> tuple[str, str]:
-    """``postgresql://h/db#predictions`` -> (``postgresql://h/db``, ``predictions``)."""
-    base, sep, table = uri.rpartition("#")
-    if not sep or not table or "/" in table:
-        raise InputFileError(f"{redact(uri)}: name a table (--input-table / --output-table)")
-    return base, table
-
-
-def with_table(uri: str, table: str | None) -> str:
-    return f"{uri}#{table}" if table else uri
-
-
-def redact(uri: str) -> str:
-    """The URI without a password, for messages and manifests."""
-    scheme, sep, rest = uri.partition("://")
-    if not sep or "@" not in rest.split("/")[0]:
-        return uri
-    credentials, _, host = rest.partition("@")
-    user = credentials.split(":")[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in credentials else uri
 
 
 def sqlalchemy_url(uri: str) -> str:
@@ -108,16 +75,12 @@ class DatabaseInput:
 
     @property
     def has_label(self) -> bool:
-        from backorder.contract import LABEL
-
         return LABEL in self.columns
 
     def position(self) -> int:
         return self._rows_read
 
-    def chunks(self) -> Iterator[Any]:
-        from backorder.io import RawChunk
-
+    def chunks(self) -> Iterator[RawChunk]:
         for batch in self._batches():
             frame = self._frame(batch)
             frame.index = pd.RangeIndex(self._rows_read + 1, self._rows_read + 1 + len(frame))
@@ -292,8 +255,6 @@ class DatabaseOutput:
         raise NotImplementedError
 
     def _shape(self, frame: pd.DataFrame) -> pd.DataFrame:
-        from backorder.contract import REASON, ROW_NUMBER
-
         if self.rejects:
             frame = _rejects_record(frame, [ROW_NUMBER, REASON])
         return frame

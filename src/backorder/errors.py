@@ -29,3 +29,7 @@ class OutputError(BackorderError):
     """An output cannot be written (store unreachable, permission denied, ...)."""
 
     exit_code = 4
+
+
+def first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__

@@ -7,6 +7,9 @@ Parquet files, read in bounded chunks, or database tables named ``URI#TABLE`` (s
 beside the target and is renamed into place only when complete; a remote object is written to a
 local temporary file and uploaded as one object only when complete (an S3 upload appears whole
 or not at all). An interrupted run never leaves a partial output behind.
+
+What a URI names (remote or local, table file or database table) is ``backorder.uris``;
+callers import it from here, like everything else the seam offers (``__all__``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import threading
 import uuid
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol, overload
 
@@ -36,80 +38,55 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from backorder.contract import (
-    FEATURE_COLUMNS,
     FOOTER_PATTERN,
     FOOTER_REASON,
     LABEL,
-    ORIGINAL_LINE,
-    REASON,
-    ROW_NUMBER,
-    SPECS,
+    BrokenRow,
+    RawChunk,
+    contract_columns,
+    require_columns,
 )
-from backorder.errors import InputFileError, OutputError
+from backorder.databases import open_database_input, open_database_output
+from backorder.errors import InputFileError, OutputError, first_line
+from backorder.uris import (
+    TABLE_SUFFIXES,
+    is_database,
+    is_remote,
+    redact,
+    split_table,
+    table_format,
+    table_suffix,
+    with_table,
+)
+
+__all__ = [
+    "TABLE_SUFFIXES",
+    "BackgroundSink",
+    "InputTable",
+    "Sink",
+    "Source",
+    "TableWriter",
+    "copy_atomic",
+    "is_database",
+    "is_remote",
+    "open_input",
+    "open_output",
+    "prefetch",
+    "redact",
+    "split_table",
+    "table_format",
+    "table_suffix",
+    "with_table",
+    "write_json_atomic",
+    "write_table_atomic",
+    "write_text_atomic",
+]
 
 GZIP_MAGIC = b"\x1f\x8b"
 PARQUET_MAGIC = b"PAR1"
 ZIP_MAGIC = b"PK\x03\x04"
 SNIFF_BYTES = 64 * 1024
 OTHER_DELIMITERS = {";": "';'", "\t": "tab", "|": "'|'"}
-
-
-@dataclass
-class BrokenRow:
-    """A line that could not be split into the header's fields."""
-
-    row_number: int
-    reason: str
-    text: str
-
-
-@dataclass
-class RawChunk:
-    """Rows as read: contract columns renamed to their canonical names, values as in the file.
-
-    The index is the 1-based data row number (row 1 is the line after the header).
-    """
-
-    frame: pd.DataFrame
-    broken: list[BrokenRow] = field(default_factory=list)
-
-    @property
-    def n_rows(self) -> int:
-        return len(self.frame) + len(self.broken)
-
-
-def _canonical(name: str) -> str:
-    return name.replace("\ufeff", "").strip().strip('"').strip().lower()
-
-
-def contract_columns(name: str, raw_columns: list[str], subject: str, hint: str = "") -> list[str]:
-    """An input's column names with the contract's columns in canonical form (case, spaces,
-    BOM and quotes dropped), others as given; fails fast, naming the input, when a contract
-    column appears twice or none of them does. ``subject`` and ``hint`` word the second error
-    for the kind of input ("the header has" ... "; is it a CSV ...?")."""
-    canonical = [_canonical(c) for c in raw_columns]
-    seen: set[str] = set()
-    for column in canonical:
-        if column in SPECS and column in seen:
-            raise InputFileError(f"{name}: column '{column}' appears more than once")
-        seen.add(column)
-    if not any(column in FEATURE_COLUMNS for column in canonical):
-        raise InputFileError(
-            f"{name}: {subject} none of the expected columns (national_inv, lead_time, ...){hint}"
-        )
-    return [can if can in SPECS else raw for raw, can in zip(raw_columns, canonical, strict=True)]
-
-
-def require_columns(
-    name: str, columns: list[str], required: tuple[str, ...] | list[str], hint_if_many: str = ""
-) -> None:
-    """Fail fast, naming the input, when required contract columns are absent."""
-    missing = [c for c in required if c not in columns]
-    if missing:
-        raise InputFileError(
-            f"{name}: missing required column(s) {', '.join(missing)}"
-            + (hint_if_many if len(missing) > 3 else "")
-        )
 
 
 class InputTable:
@@ -337,45 +314,9 @@ class InputTable:
             self._raw_handle.close()
 
 
-def first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-
-
-def broken_rows_frame(broken: list[BrokenRow], columns: list[str]) -> pd.DataFrame:
-    """Rejects-file rows for lines that could not be split into fields."""
-    frame = pd.DataFrame(
-        {
-            ROW_NUMBER: pd.array([b.row_number for b in broken], dtype="int64"),
-            REASON: pd.array([b.reason for b in broken], dtype="string"),
-        }
-    )
-    for column in columns:
-        frame[column] = pd.array([None] * len(broken), dtype="string")
-    frame[ORIGINAL_LINE] = pd.array([b.text for b in broken], dtype="string")
-    return frame
-
-
 # -- writing -----------------------------------------------------------------------------------
-def table_format(uri: str | Path) -> str:
-    """'parquet', 'csv' or 'csv.gz', from the output's extension."""
-    name = str(uri).lower()
-    if name.endswith((".parquet", ".pq")):
-        return "parquet"
-    if name.endswith(".csv"):
-        return "csv"
-    if name.endswith(".csv.gz"):
-        return "csv.gz"
-    raise InputFileError(f"{uri}: output must end with .parquet, .csv or .csv.gz")
-
-
 def _temp_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def is_remote(uri: str | Path) -> bool:
-    """True for fsspec URLs other than local files (s3://, gs://, memory://, ...)."""
-    text = str(uri)
-    return "://" in text and not text.startswith("file://")
 
 
 def _local_temp(name: str) -> Path:
@@ -573,8 +514,6 @@ class Sink(Protocol):
 
 def open_input(uri: str | Path, block_bytes: int = 8 << 20) -> Source:
     """An input file (``InputTable``) or database table (``URI#TABLE``), opened and checked."""
-    from backorder.databases import is_database, open_database_input
-
     if is_database(str(uri)):
         return open_database_input(str(uri), block_rows=max(10_000, block_bytes // 200))
     return InputTable(uri, block_bytes=block_bytes)
@@ -584,8 +523,6 @@ def open_output(
     uri: str | Path, template: pd.DataFrame, batch_id: str, rejects: bool = False
 ) -> Sink:
     """A writer with ``write``/``commit``/``abort`` for a file, object or database table."""
-    from backorder.databases import is_database, open_database_output
-
     if is_database(str(uri)):
         return open_database_output(str(uri), template, batch_id, rejects)
     return TableWriter(uri, template)

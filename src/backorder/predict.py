@@ -18,10 +18,21 @@ import pandas as pd
 from backorder.config import Settings
 from backorder.contract import ORIGINAL_LINE, REASON, ROW_NUMBER, SKU
 from backorder.data import ChunkProgress, validated_chunks
-from backorder.databases import is_database, redact, split_table
 from backorder.errors import InputFileError
 from backorder.explain import Reason, reason_columns, reason_names, top_reasons
-from backorder.io import BackgroundSink, is_remote, open_input, open_output, prefetch, table_format
+from backorder.io import (
+    BackgroundSink,
+    Source,
+    is_database,
+    is_remote,
+    open_input,
+    open_output,
+    prefetch,
+    redact,
+    split_table,
+    table_format,
+    table_suffix,
+)
 from backorder.model import Scorer
 from backorder.registry import LoadedModel
 
@@ -141,10 +152,10 @@ def default_rejects_path(output: str | Path) -> str:
     if is_database(text):
         base, table = split_table(text)
         return f"{base}#{table}_rejects"
-    fmt = table_format(text)
+    table_format(text)  # fails, naming the output, unless it is a table file
     head, _, name = text.rpartition("/")
-    stem = name[: -len(".csv.gz")] if fmt == "csv.gz" else name.rsplit(".", 1)[0]
-    suffix = ".csv.gz" if fmt == "csv.gz" else "." + name.rsplit(".", 1)[1]
+    suffix = table_suffix(name) or ""
+    stem = name[: len(name) - len(suffix)]
     return f"{head}/{stem}.rejects{suffix}" if head else f"{stem}.rejects{suffix}"
 
 
@@ -189,7 +200,7 @@ def _check_output(uri: str) -> None:
 
 
 def predict_file(
-    input_uri: str | Path,
+    source: str | Path | Source,
     output: str | Path,
     model: LoadedModel,
     settings: Settings,
@@ -200,20 +211,26 @@ def predict_file(
     """Score an input chunk by chunk into predictions and rejects (files, objects or tables).
 
     Outputs appear only if the whole run succeeds: files are renamed into place, objects are
-    uploaded whole, a table's batch is replaced in one transaction.
+    uploaded whole, a table's batch is replaced in one transaction. ``source`` is a path, URL
+    or ``URI#TABLE``, or an input ``open_input`` opened already (the CLI checks it before the
+    slow model load, and it is not opened twice).
     """
     output_uri = str(output)
     rejects_uri = str(rejects) if rejects else default_rejects_path(output_uri)
     _check_output(output_uri)
     _check_output(rejects_uri)
     batch_id = batch_id or new_batch_id()
-    table = open_input(input_uri, block_bytes=settings.read_block_bytes)
+    table = (
+        open_input(source, block_bytes=settings.read_block_bytes)
+        if isinstance(source, str | Path)
+        else source
+    )
     local = [u for u in (output_uri, rejects_uri) if not is_remote(u) and not is_database(u)]
-    input_is_local = not is_remote(str(input_uri)) and not is_database(str(input_uri))
-    if input_is_local and Path(str(input_uri)).resolve() in {Path(u).resolve() for u in local}:
-        raise InputFileError(f"{output_uri}: output would overwrite the input {input_uri}")
+    input_is_local = not is_remote(table.uri) and not is_database(table.uri)
+    if input_is_local and Path(table.uri).resolve() in {Path(u).resolve() for u in local}:
+        raise InputFileError(f"{output_uri}: output would overwrite the input {table.uri}")
     summary = PredictionSummary(
-        redact(str(input_uri)),
+        redact(table.uri),
         redact(output_uri),
         redact(rejects_uri),
         model.version,

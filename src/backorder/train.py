@@ -29,8 +29,7 @@ from backorder.data import (
     feature_hash,
     load_labelled,
 )
-from backorder.databases import redact
-from backorder.io import write_json_atomic, write_table_atomic, write_text_atomic
+from backorder.io import redact, write_json_atomic, write_table_atomic, write_text_atomic
 from backorder.metrics import Evaluation, evaluate_predictions, flat_metrics
 from backorder.model import BackorderClassifier, Scorer, build_pipeline
 from backorder.registry import Registry

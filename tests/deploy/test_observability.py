@@ -306,7 +306,8 @@ class Exporter:
 
 def pipelines_catalog(settings: Settings, tmp_path: Path) -> Catalog:
     """Score a landed batch and record a training run, pushing to a real Pushgateway."""
-    from backorder.pipelines import UNSCORED, Landing, record_training, score_pending
+    from backorder.catalog import UNSCORED, Landing
+    from backorder.pipelines import record_training, score_pending
 
     assert PUSHGATEWAY is not None
     gateway = Exporter(PUSHGATEWAY, tmp_path / "pushgateway.log")
