@@ -12,6 +12,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.types import DataType
@@ -140,6 +141,23 @@ def test_the_model_format_is_checked_not_guessed(
     meta.save(str(other / "MLmodel"))
     with pytest.raises(ModelNotFoundError, match="not a backorder model"):
         pipeline_folder(other)
+
+
+def test_a_model_that_fails_to_log_leaves_no_version_behind(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(*_args: object) -> Path:
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("backorder.registry.save_pipeline", disk_full)
+    registry = Registry(settings)
+    with pytest.raises(OSError, match="No space left"):
+        registry.log_training_run(None, {}, {}, {}, {}, [])  # type: ignore[arg-type]
+    assert registry.versions() == []
+    [model] = mlflow.search_logged_models(
+        experiment_ids=[registry.experiment_id()], output_format="list"
+    )
+    assert model.status == LoggedModelStatus.FAILED
 
 
 def _spark_unavailable() -> str | None:
