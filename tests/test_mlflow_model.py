@@ -82,6 +82,17 @@ def test_pyfunc_scores_exactly_as_the_product(
     assert expected["backorder_probability"].std() > 0  # a real spread, not one constant
 
 
+def test_pyfunc_scoring_settings_can_be_overridden_at_load(
+    trained_settings: Settings, sample_rows: pd.DataFrame
+) -> None:
+    Registry(trained_settings)  # points MLflow at the trained registry
+    rows = as_model_input(sample_rows.head(50))
+    every = mlflow.pyfunc.load_model(CHAMPION_URI, model_config={"reasons_for": "all"})
+    assert every.predict(rows)["reason_1"].notna().all()
+    none = mlflow.pyfunc.load_model(CHAMPION_URI, model_config={"reasons_for": "none"})
+    assert none.predict(rows)["reason_1"].isna().all()
+
+
 def test_pyfunc_rejects_rows_the_contract_rejects_in_one_line(
     trained_settings: Settings, sample_rows: pd.DataFrame
 ) -> None:

@@ -8,18 +8,12 @@ required values) are a pandera schema, validated lazily so that every violation 
 from __future__ import annotations
 
 import re
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-
-with warnings.catch_warnings():
-    # Where PySpark is installed (the dev extra, for spark_udf), pandera imports pandas-on-Spark,
-    # whose "pandas >= 3 not yet supported" warning would break one-line stderr; unused here.
-    warnings.filterwarnings("ignore", "PySpark does not yet fully support", FutureWarning)
-    import pandera.pandas as pa
+import pandera.pandas as pa
 from pandera.errors import SchemaErrors
 
 SKU = "sku"

@@ -91,7 +91,8 @@ class Registry:
         artifacts: list[Path],
         reference: pd.DataFrame | None = None,
     ) -> tuple[str, str]:
-        """Log one training run and register its model; return (run id, model version)."""
+        """Log one training run and register its model (an MLflow pyfunc model, see
+        ``backorder.mlflow_model``); return (run id, model version)."""
         with mlflow.start_run(experiment_id=self.experiment_id()) as run:
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             mlflow.log_metrics(metrics)
