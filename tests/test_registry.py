@@ -96,4 +96,8 @@ def test_each_model_scores_with_its_own_pipeline(trained_settings: Settings) -> 
     assert "validation_average_precision" in run.data.metrics
     assert run.data.tags["data_sha256"] == model.metadata["data_fingerprint"]["sha256"]
     artifacts = {a.path for a in registry.client.list_artifacts(run.info.run_id)}
-    assert {"report.html", "metrics.json", "model"} <= artifacts
+    assert {"report.html", "metrics.json"} <= artifacts
+    # The version is the MLflow model the run logged (MLflow 3 keeps models beside runs).
+    [logged] = run.outputs.model_outputs
+    mv = registry.client.get_model_version(registry.name, model.version)
+    assert mv.source == f"models:/{logged.model_id}" and mv.run_id == run.info.run_id

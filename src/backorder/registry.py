@@ -31,10 +31,12 @@ logging.getLogger("alembic").setLevel(logging.WARNING)
 import mlflow  # noqa: E402  (the environment above must be set before MLflow is imported)
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from mlflow.entities import LoggedModelStatus  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from sklearn.pipeline import Pipeline  # noqa: E402
 
+from backorder.mlflow_model import log_pyfunc_model, pipeline_folder  # noqa: E402
 from backorder.model import Scorer, load_pipeline, save_pipeline  # noqa: E402
 
 CHAMPION = "champion"
@@ -89,30 +91,43 @@ class Registry:
         artifacts: list[Path],
         reference: pd.DataFrame | None = None,
     ) -> tuple[str, str]:
-        """Log one training run and register its model; return (run id, model version)."""
+        """Log one training run and register its model (an MLflow pyfunc model, see
+        ``backorder.mlflow_model``); return (run id, model version)."""
         with mlflow.start_run(experiment_id=self.experiment_id()) as run:
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             mlflow.log_metrics(metrics)
             mlflow.set_tags(tags)
             for path in artifacts:
                 mlflow.log_artifact(str(path))
-            with tempfile.TemporaryDirectory() as tmp:
-                model_dir = save_pipeline(
-                    pipeline, Path(tmp) / MODEL_ARTIFACT, {**metadata, "run_id": run.info.run_id}
-                )
-                if reference is not None:
-                    # Travels with the model, so drift is always judged against what it learnt.
-                    reference.to_parquet(model_dir / REFERENCE_FILE, index=False)
-                mlflow.log_artifacts(str(model_dir), artifact_path=MODEL_ARTIFACT)
             run_id = run.info.run_id
-        self._ensure_registered_model()
-        version = self.client.create_model_version(
-            self.name,
-            source=f"runs:/{run_id}/{MODEL_ARTIFACT}",
-            run_id=run_id,
-            tags={k: str(v) for k, v in tags.items()},
-        )
-        return run_id, str(version.version)
+            # The version is created first, for a pending MLflow model, so that the model's
+            # config can name the version its scores report.
+            logged = mlflow.initialize_logged_model(name=MODEL_ARTIFACT, source_run_id=run_id)
+            self._ensure_registered_model()
+            version = str(
+                self.client.create_model_version(
+                    self.name,
+                    source=f"models:/{logged.model_id}",
+                    run_id=run_id,
+                    tags={k: str(v) for k, v in tags.items()},
+                    model_id=logged.model_id,
+                ).version
+            )
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    model_dir = save_pipeline(
+                        pipeline, Path(tmp) / MODEL_ARTIFACT, {**metadata, "run_id": run_id}
+                    )
+                    if reference is not None:
+                        # Travels with the model, so drift is always judged against what it learnt.
+                        reference.to_parquet(model_dir / REFERENCE_FILE, index=False)
+                    log_pyfunc_model(model_dir, logged.model_id, version, self.settings, reference)
+            except BaseException:
+                # No version may point at a model that was never written.
+                self.client.delete_model_version(self.name, version)
+                mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+                raise
+        return run_id, version
 
     def _ensure_registered_model(self) -> None:
         try:
@@ -170,8 +185,9 @@ class Registry:
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=f"models:/{self.name}/{version}", dst_path=tmp
             )
-            pipeline, metadata = load_pipeline(Path(local))
-            reference_file = Path(local) / REFERENCE_FILE
+            files = pipeline_folder(Path(local))
+            pipeline, metadata = load_pipeline(files)
+            reference_file = files / REFERENCE_FILE
             reference = (
                 pd.read_parquet(reference_file)
                 if (with_reference or compiled) and reference_file.is_file()
