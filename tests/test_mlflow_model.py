@@ -19,7 +19,7 @@ from mlflow.types import DataType
 
 import backorder
 from backorder.config import Settings
-from backorder.contract import FEATURE_COLUMNS, SKU
+from backorder.contract import FEATURE_COLUMNS, LABEL, NUMERIC_COLUMNS, SKU, validate_chunk
 from backorder.data import load_rows
 from backorder.errors import ModelNotFoundError
 from backorder.mlflow_model import PIPELINE_ARTIFACT, as_model_input, pipeline_folder
@@ -54,7 +54,7 @@ def test_the_champion_is_an_mlflow_model_with_the_contract_signature(
     assert list(inputs) == [SKU, *FEATURE_COLUMNS]
     assert not inputs[SKU].required and all(inputs[c].required for c in FEATURE_COLUMNS)
     assert inputs["national_inv"].type == inputs["lead_time"].type == DataType.double
-    assert inputs["potential_issue"].type == DataType.boolean
+    assert inputs["potential_issue"].type == DataType.string  # "Yes"/"No", as in the files
     outputs = info.signature.outputs.input_names()
     assert outputs[:4] == [SKU, "backorder_probability", "will_backorder", "risk_band"]
     assert outputs[-1] == "model_version"
@@ -80,6 +80,24 @@ def test_pyfunc_scores_exactly_as_the_product(
         assert got[column].tolist() == expected[column].tolist(), column
     assert set(got["model_version"]) == {"1"}
     assert expected["backorder_probability"].std() > 0  # a real spread, not one constant
+
+
+def test_pyfunc_scores_rows_as_read_from_a_batch_file(trained_settings: Settings) -> None:
+    """A frame read from a batch file with the contract's types (numbers as float, sku as
+    text; flags stay "Yes"/"No") scores as ``backorder predict`` scores the same rows.
+    MLflow refuses int64 for a double column, so integer-looking quantities are read as float."""
+    Registry(trained_settings)  # points MLflow at the trained registry
+    types = {SKU: str, **dict.fromkeys(NUMERIC_COLUMNS, "float64")}
+    raw = pd.read_csv(SAMPLE / "holdout.csv.gz", nrows=200, dtype=types)
+    raw = raw.drop(columns=[LABEL])
+    got = mlflow.pyfunc.load_model(CHAMPION_URI).predict(raw)
+    numbered = raw.set_axis(raw.index + 1)  # 1-based row numbers, as the contract counts them
+    checked = validate_chunk(numbered, require_label=False)
+    assert checked.rejects.empty
+    expected = _product_scores(trained_settings, checked.rows)
+    np.testing.assert_allclose(
+        got["backorder_probability"], expected["backorder_probability"], rtol=0, atol=1e-9
+    )
 
 
 def test_pyfunc_scoring_settings_can_be_overridden_at_load(

@@ -48,11 +48,13 @@ SCORING_SETTINGS = ("watchlist_fraction", "reason_method", "reasons_for")
 MODEL_VERSION = "model_version"
 INPUT_EXAMPLE_ROWS = 3
 
-_INPUT_TYPES = {"id": DataType.string, "number": DataType.double, "flag": DataType.boolean}
+# Flags stay "Yes"/"No" as in the contract and the ERP exports, so a frame read from a batch file
+# scores as it is (with ``sku`` read as text).
+_INPUT_TYPES = {"id": DataType.string, "number": DataType.double, "flag": DataType.string}
 
 
 def input_schema() -> Schema:
-    """The contract's scoring columns as MLflow types: numbers double, Yes/No flags boolean,
+    """The contract's scoring columns as MLflow types: numbers double, flags "Yes"/"No" text,
     ``sku`` optional text."""
     return Schema(
         [
@@ -78,10 +80,12 @@ def output_schema(reasons_per_row: int) -> Schema:
 
 
 def as_model_input(rows: pd.DataFrame) -> pd.DataFrame:
-    """Validated contract rows (flags 0/1) in the signature's types (flags boolean)."""
+    """Validated contract rows (flags 0/1) in the signature's types (flags "Yes"/"No")."""
     columns = [c for c in input_schema().input_names() if c in rows.columns]
     typed = rows[columns].reset_index(drop=True)
-    return typed.astype({f: bool for f in FLAG_COLUMNS})
+    for flag in FLAG_COLUMNS:
+        typed[flag] = typed[flag].map({0: "No", 1: "Yes"}).astype(object)
+    return typed
 
 
 def log_pyfunc_model(
