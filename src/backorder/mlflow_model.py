@@ -10,7 +10,7 @@ the drift reference). So ``mlflow.pyfunc.load_model``, ``mlflow models serve`` a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -34,10 +34,8 @@ from backorder.contract import (
 )
 from backorder.errors import ModelNotFoundError
 from backorder.explain import reason_names
-from backorder.model import MODEL_FILE, load_pipeline
-
-if TYPE_CHECKING:
-    from backorder.registry import LoadedModel
+from backorder.model import MODEL_FILE, LoadedModel, load_pipeline
+from backorder.predict import score_rows
 
 # The pyfunc artifact holding the ``save_pipeline`` folder, and the file MLflow runs to build
 # the model.
@@ -153,9 +151,6 @@ class BackorderModel(PythonModel):  # type: ignore[misc]
     settings: Settings
 
     def load_context(self, context: PythonModelContext) -> None:
-        # Imported here: the registry imports this module to log and locate models.
-        from backorder.registry import LoadedModel
-
         config = dict(context.model_config or {})
         version = str(config.pop(MODEL_VERSION))
         pipeline, metadata = load_pipeline(Path(context.artifacts[PIPELINE_ARTIFACT]))
@@ -174,8 +169,6 @@ class BackorderModel(PythonModel):  # type: ignore[misc]
         model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
-        from backorder.predict import score_rows
-
         raw = model_input.reset_index(drop=True)
         raw.index = raw.index + 1  # 1-based request rows, as the contract numbers file rows
         checked = validate_chunk(raw, require_label=False)

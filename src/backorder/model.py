@@ -428,6 +428,18 @@ class Scorer:
         return path_tables(self.classifier.booster_)
 
 
+@dataclass(eq=False, kw_only=True)
+class LoadedModel(Scorer):
+    """A registered model as loaded to score: the fitted pipeline with its scoring-time choices
+    (``Scorer``) and the registry facts a consumer reports alongside its scores."""
+
+    version: str
+    metadata: dict[str, Any]
+    aliases: list[str]
+    # A sample of the rows the model was trained on (feature columns), when asked for and stored.
+    reference: pd.DataFrame | None = None
+
+
 def booster_params_from(settings: Settings) -> dict[str, Any]:
     """LightGBM's parameter names for the configured booster settings."""
     gbm = settings.lightgbm

@@ -38,7 +38,7 @@ from backorder.predict import new_batch_id, predict_file
 
 if TYPE_CHECKING:
     from backorder.drift import DriftCheck
-    from backorder.registry import LoadedModel
+    from backorder.model import LoadedModel
 
 log = step_logger("backorder.pipelines")
 

@@ -33,8 +33,7 @@ from backorder.io import (
     table_format,
     table_suffix,
 )
-from backorder.model import Scorer
-from backorder.registry import LoadedModel
+from backorder.model import LoadedModel, Scorer
 
 RISK_BANDS = ("low", "medium", "high")
 

@@ -13,7 +13,6 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,25 +36,13 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from sklearn.pipeline import Pipeline  # noqa: E402
 
 from backorder.mlflow_model import log_pyfunc_model, pipeline_folder  # noqa: E402
-from backorder.model import Scorer, load_pipeline, save_pipeline  # noqa: E402
+from backorder.model import LoadedModel, Scorer, load_pipeline, save_pipeline  # noqa: E402
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 HISTORY_TAG = "champion_history"
 MODEL_ARTIFACT = "model"
 REFERENCE_FILE = "reference.parquet"
-
-
-@dataclass(eq=False, kw_only=True)
-class LoadedModel(Scorer):
-    """A registered model as loaded to score: the fitted pipeline with its scoring-time choices
-    (``Scorer``) and the registry facts a consumer reports alongside its scores."""
-
-    version: str
-    metadata: dict[str, Any]
-    aliases: list[str]
-    # A sample of the rows the model was trained on (feature columns), when asked for and stored.
-    reference: pd.DataFrame | None = None
 
 
 class Registry:

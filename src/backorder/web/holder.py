@@ -21,8 +21,9 @@ from backorder.api_schema import SkuRecord, records_frame
 from backorder.compiled import CompiledTreesUnavailable
 from backorder.config import Settings
 from backorder.errors import ModelNotFoundError
+from backorder.model import LoadedModel
 from backorder.predict import score_with_reasons
-from backorder.registry import LoadedModel, Registry
+from backorder.registry import Registry
 from backorder.web.metrics import Metrics
 
 log = logging.getLogger("backorder.serve")
