@@ -1,4 +1,5 @@
-"""The README is the front door: short, and every relative link in it leads somewhere.
+"""The README is the front door: short, and every relative link in it leads somewhere; the
+layout page names every module of the package.
 
 The pages under docs/ are checked by `mkdocs build --strict` (make docs-build, run by CI);
 the README lives outside the site, so its links are checked here.
@@ -11,6 +12,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+LAYOUT = ROOT / "docs" / "develop" / "layout.md"
+PACKAGE = ROOT / "src" / "backorder"
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
@@ -27,3 +30,14 @@ def test_readme_links_point_to_files_that_exist() -> None:
     assert len(links) > 10
     missing = [t for t in links if not (ROOT / t.split("#")[0]).exists()]
     assert not missing, f"README.md links to files that do not exist: {missing}"
+
+
+def test_the_layout_page_has_a_line_for_every_module() -> None:
+    """A module added without its line on "How the code is laid out" fails here."""
+    page = LAYOUT.read_text(encoding="utf-8")
+    modules = [
+        p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"
+    ]
+    assert len(modules) > 30
+    missing = sorted(m for m in modules if f"| `{m}` |" not in page)
+    assert not missing, f"docs/develop/layout.md has no line for: {missing}"
