@@ -170,6 +170,7 @@ class BackorderModel(PythonModel):  # type: ignore[misc]
         model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
+        # Imported here: predict imports the registry, which imports this module.
         from backorder.predict import score_rows
 
         raw = model_input.reset_index(drop=True)
