@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightgbm as lgb
 import numpy as np
@@ -114,15 +114,30 @@ def _platt(stop_scores: np.ndarray, y_stop: np.ndarray) -> Callable[[np.ndarray]
     return lambda z: a * z + b
 
 
-def fit_lightgbm(
-    x_fit: pd.DataFrame,
-    y_fit: np.ndarray,
-    x_stop: pd.DataFrame,
-    y_stop: np.ndarray,
-    x_eval: pd.DataFrame,
-    settings: Settings,
-    seed: int,
-) -> Fitted:
+class FoldData(NamedTuple):
+    """One fold's features and labels: rows to fit on, rows to stop early and calibrate on, and
+    the rows to score."""
+
+    x_fit: pd.DataFrame
+    y_fit: np.ndarray
+    x_stop: pd.DataFrame
+    y_stop: np.ndarray
+    x_eval: pd.DataFrame
+
+    @classmethod
+    def of(
+        cls,
+        x: pd.DataFrame,
+        y: np.ndarray,
+        fit_rows: np.ndarray,
+        stop_rows: np.ndarray,
+        scored: np.ndarray,
+    ) -> FoldData:
+        return cls(x.iloc[fit_rows], y[fit_rows], x.iloc[stop_rows], y[stop_rows], x.iloc[scored])
+
+
+def fit_lightgbm(fold: FoldData, settings: Settings, seed: int) -> Fitted:
+    x_fit, y_fit, x_stop, y_stop, x_eval = fold
     params = {"objective": "binary", "verbosity": -1, "seed": seed, "deterministic": True}
     params.update(booster_params_from(settings))
     train_set = lgb.Dataset(x_fit, y_fit)
@@ -138,15 +153,8 @@ def fit_lightgbm(
     return calibrate(booster.predict(x_eval, raw_score=True, num_iteration=n)), n
 
 
-def fit_xgboost(
-    x_fit: pd.DataFrame,
-    y_fit: np.ndarray,
-    x_stop: pd.DataFrame,
-    y_stop: np.ndarray,
-    x_eval: pd.DataFrame,
-    settings: Settings,
-    seed: int,
-) -> Fitted:
+def fit_xgboost(fold: FoldData, settings: Settings, seed: int) -> Fitted:
+    x_fit, y_fit, x_stop, y_stop, x_eval = fold
     import xgboost as xgb
 
     gbm = settings.lightgbm
@@ -166,15 +174,8 @@ def fit_xgboost(
     return calibrate(model.predict(x_eval, **margin)), n
 
 
-def fit_catboost(
-    x_fit: pd.DataFrame,
-    y_fit: np.ndarray,
-    x_stop: pd.DataFrame,
-    y_stop: np.ndarray,
-    x_eval: pd.DataFrame,
-    settings: Settings,
-    seed: int,
-) -> Fitted:
+def fit_catboost(fold: FoldData, settings: Settings, seed: int) -> Fitted:
+    x_fit, y_fit, x_stop, y_stop, x_eval = fold
     from catboost import CatBoostClassifier
 
     gbm = settings.lightgbm
@@ -288,13 +289,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     x = matrices[config.features]
                     started = time.perf_counter()
                     z, n_trees = MODELS[config.model](
-                        x.iloc[fit_rows],
-                        y[fit_rows],
-                        x.iloc[stop_rows],
-                        y[stop_rows],
-                        x.iloc[scored],
-                        settings,
-                        seed,
+                        FoldData.of(x, y, fit_rows, stop_rows, scored), settings, seed
                     )
                     seconds[config.name] += time.perf_counter() - started
                     trees[config.name].append(n_trees)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import optuna
 import quality
-from quality import DEFAULT_DATA, EARLY_STOPPING_FRACTION, MODELS, fold_metrics
+from quality import DEFAULT_DATA, EARLY_STOPPING_FRACTION, MODELS, FoldData, fold_metrics
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from backorder.config import LightGBMSettings, load_settings
@@ -73,7 +73,7 @@ def lightgbm_space(trial: optuna.Trial) -> dict[str, Any]:
 SPACES = {"lightgbm": lightgbm_space, "xgboost": xgboost_space, "catboost": catboost_space}
 
 
-def main() -> int:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", nargs="+", default=[str(p) for p in DEFAULT_DATA])
     parser.add_argument("--model", choices=sorted(MODELS), default="lightgbm")
@@ -83,7 +83,26 @@ def main() -> int:
     parser.add_argument("--learning-rate", type=float, default=0.05)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="write all trials as JSON")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def _report(study: optuna.Study, args: argparse.Namespace) -> None:
+    """Print the best trial's parameters; with --json, write every trial."""
+    best = study.best_trial
+    print(f"\nbest trial {best.number}: AP {best.value:.4f} AUC {best.user_attrs['roc_auc']:.4f}")
+    print(f"{args.model}:")
+    for key, value in best.params.items():
+        print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
+    if args.json:
+        trials = [
+            {"number": t.number, "value": t.value, "params": t.params, "state": t.state.name}
+            for t in study.trials
+        ]
+        args.json.write_text(json.dumps(trials, indent=2), encoding="utf-8")
+
+
+def main() -> int:
+    args = _arguments()
     if not all(Path(p).is_file() for p in args.data):
         print(f"skipped: input not found ({', '.join(map(str, args.data))})")
         return 0
@@ -130,13 +149,7 @@ def main() -> int:
                 random_state=TUNING_SEED + k,
             )
             z, _ = fit(
-                x.iloc[fit_rows],
-                y[fit_rows],
-                x.iloc[stop_rows],
-                y[stop_rows],
-                x.iloc[scored],
-                trial_settings,
-                TUNING_SEED + k,
+                FoldData.of(x, y, fit_rows, stop_rows, scored), trial_settings, TUNING_SEED + k
             )
             scores.append(fold_metrics(y[scored], z))
             trial.report(float(np.mean([s["average_precision"] for s in scores])), k)
@@ -166,17 +179,7 @@ def main() -> int:
     }[args.model]
     study.enqueue_trial({k: current[k] for k in space(optuna.trial.FixedTrial(current))})
     study.optimize(objective, n_trials=args.trials)
-    best = study.best_trial
-    print(f"\nbest trial {best.number}: AP {best.value:.4f} AUC {best.user_attrs['roc_auc']:.4f}")
-    print(f"{args.model}:")
-    for key, value in best.params.items():
-        print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
-    if args.json:
-        trials = [
-            {"number": t.number, "value": t.value, "params": t.params, "state": t.state.name}
-            for t in study.trials
-        ]
-        args.json.write_text(json.dumps(trials, indent=2), encoding="utf-8")
+    _report(study, args)
     return 0
 
 

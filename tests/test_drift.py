@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backorder.contract import FEATURE_COLUMNS
 from backorder.data import load_rows
-from backorder.drift import check_and_report, compare, drift_metrics, numeric_bins, psi
+from backorder.drift import DriftFiles, check_and_report, compare, drift_metrics, numeric_bins, psi
 from tests.conftest import SAMPLE, SHARED_10PCT, SHARED_20PCT, needs_shared, run_cli
 
 
@@ -65,9 +65,7 @@ def test_a_batch_label_with_quote_backslash_and_newline_round_trips(
     check_and_report(
         sample_rows.iloc[:half],
         sample_rows.iloc[half:],
-        ("reference", "current"),
-        tmp_path,
-        batch,
+        DriftFiles(tmp_path, batch, ("reference", "current")),
         threshold=0.2,
     )
     families = {

@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from backorder.contract import FEATURE_COLUMNS
-from backorder.metrics import alert_budget_points, budget_key, evaluate_predictions
+from backorder.metrics import Costs, alert_budget_points, budget_key, evaluate_predictions
 
 
 def toy(n: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
@@ -22,7 +22,7 @@ def toy(n: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray, np.ndar
 
 def test_headline_metrics_match_sklearn() -> None:
     rows, y, p = toy()
-    m = evaluate_predictions(rows, y, p, 0.1, 10, 1, [0.01, 0.05]).metrics
+    m = evaluate_predictions(rows, y, p, 0.1, Costs(10, 1, [0.01, 0.05])).metrics
     assert m["roc_auc"] == pytest.approx(roc_auc_score(y, p))
     assert m["average_precision"] == pytest.approx(average_precision_score(y, p))
     assert m["n_rows"] == 1000 and m["n_positive"] == y.sum()
@@ -49,7 +49,9 @@ def test_alert_budget_recall_counts_the_top_rows() -> None:
 def test_segments_cover_the_planner_questions() -> None:
     rows, y, p = toy()
     rows.loc[:99, "lead_time"] = np.nan
-    segments = evaluate_predictions(rows, y, p, 0.1, 10, 1, [0.01]).segments.set_index("segment")
+    segments = evaluate_predictions(rows, y, p, 0.1, Costs(10, 1, [0.01])).segments.set_index(
+        "segment"
+    )
     assert segments.loc["lead_time missing", "rows"] == 100
     assert segments.loc["all rows", "rows"] == 1000
     for name in ("stock on hand <= 0", "no supplier history (perf -99)", "deck_risk = Yes"):
@@ -60,7 +62,9 @@ def test_segments_cover_the_planner_questions() -> None:
 def test_segments_split_by_input_file_when_there_are_several() -> None:
     rows, y, p = toy()
     rows["source"] = np.where(np.arange(len(rows)) < 300, "s3://b/a.csv.gz", "/data/b.parquet")
-    segments = evaluate_predictions(rows, y, p, 0.1, 10, 1, [0.01]).segments.set_index("segment")
+    segments = evaluate_predictions(rows, y, p, 0.1, Costs(10, 1, [0.01])).segments.set_index(
+        "segment"
+    )
     assert segments.loc["input a.csv.gz", "rows"] == 300
     assert segments.loc["input b.parquet", "backorders"] == y[300:].sum()
     assert segments.loc["input b.parquet", "mean_probability"] == pytest.approx(p[300:].mean())
@@ -68,5 +72,5 @@ def test_segments_split_by_input_file_when_there_are_several() -> None:
 
 def test_metrics_without_backorders_do_not_crash() -> None:
     rows, _, p = toy()
-    m = evaluate_predictions(rows, np.zeros(len(p), int), p, 0.1, 10, 1, [0.01]).metrics
+    m = evaluate_predictions(rows, np.zeros(len(p), int), p, 0.1, Costs(10, 1, [0.01])).metrics
     assert m["roc_auc"] is None and m["average_precision"] is None

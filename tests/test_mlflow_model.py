@@ -25,7 +25,7 @@ from backorder.errors import ModelNotFoundError
 from backorder.mlflow_model import PIPELINE_ARTIFACT, as_model_input, pipeline_folder
 from backorder.model import BOOSTER_FILE, MODEL_FILE, save_pipeline
 from backorder.predict import score_rows
-from backorder.registry import REFERENCE_FILE, Registry
+from backorder.registry import REFERENCE_FILE, Registry, RunRecord
 from tests.conftest import SAMPLE
 
 CHAMPION_URI = "models:/backorder@champion"
@@ -181,7 +181,7 @@ def test_a_model_that_fails_to_log_leaves_no_version_behind(
     monkeypatch.setattr("backorder.registry.save_pipeline", disk_full)
     registry = Registry(settings)
     with pytest.raises(OSError, match="No space left"):
-        registry.log_training_run(None, {}, {}, {}, {}, [])  # type: ignore[arg-type]
+        registry.log_training_run(None, RunRecord({}))  # type: ignore[arg-type]
     assert registry.versions() == []
     [model] = mlflow.search_logged_models(
         experiment_ids=[registry.experiment_id()], output_format="list"

@@ -407,7 +407,7 @@ def drift(
 ) -> None:
     """Compare a batch with reference data, feature by feature; write an HTML drift report."""
     from backorder.data import check_inputs, load_rows
-    from backorder.drift import check_and_report
+    from backorder.drift import DriftFiles, check_and_report
     from backorder.registry import Registry
 
     settings = _settings(config)
@@ -429,12 +429,9 @@ def drift(
         lambda: check_and_report(
             ref_rows,
             cur_rows,
-            (reference, current),
-            output,
-            Path(current).name,
+            DriftFiles(output, Path(current).name, (reference, current), details),
             settings.drift_psi_threshold,
             scorer,
-            details,
         )
     )
     result = checked.result

@@ -56,7 +56,7 @@ class CompiledTrees:
         return np.asarray(self._model.predict(np.ascontiguousarray(X, dtype=np.float64), jobs))
 
 
-def compile_booster(
+def compile_booster(  # noqa: PLR0913, PLR0917 -- five once `say` leaves (logging change)
     booster: Any,
     cache_dir: Path,
     check_rows: np.ndarray | None,

@@ -27,7 +27,7 @@ class LightGBMSettings(BaseModel):
 
     Defaults come from an Optuna search confirmed with repeated stratified 5-fold CV on the
     168,786-row sample, and were confirmed again on both shared samples, where a second search's
-    winner did no better on fresh folds (see README, "Prediction quality").
+    winner did no better on fresh folds (see docs/benchmarks/model-comparison.md).
     """
 
     learning_rate: float = Field(0.022, gt=0, le=1)
@@ -210,6 +210,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _derived_features_exist(self) -> Settings:
+        # Imported here: features needs scikit-learn, which reading settings should not load.
         from backorder.features import DERIVED_FEATURES
 
         known = {d.name for d in DERIVED_FEATURES}

@@ -462,7 +462,7 @@ def broken_rows_frame(broken: list[BrokenRow], columns: list[str]) -> pd.DataFra
 
 
 def contract_markdown() -> str:
-    """The contract as a Markdown table, for the README and ``backorder contract``."""
+    """The contract as a Markdown table, for the docs site's hook and ``backorder contract``."""
     lines = [
         "| column | type | meaning | unit | allowed values | empty allowed | note |",
         "|---|---|---|---|---|---|---|",

@@ -117,7 +117,7 @@ def dask_client(scheduler: str | None, workers: int) -> Iterator[Any]:
         yield client
 
 
-def predict_partitioned(
+def predict_partitioned(  # noqa: PLR0913, PLR0917 -- cli.py calls it positionally; its regrouping goes with the cli.py rework
     input_uri: str,
     output_uri: str,
     settings: Settings,
@@ -233,7 +233,7 @@ def prepare_partition(partition: str, settings_json: str, sample_rows: int) -> d
     }
 
 
-def train_partitioned(
+def train_partitioned(  # noqa: PLR0913, PLR0917 -- cli.py calls it positionally; its regrouping goes with the cli.py rework
     input_uri: str,
     settings: Settings,
     output_dir: Path | None = None,
@@ -257,7 +257,7 @@ def train_partitioned(
 
     from backorder.contract import FEATURE_COLUMNS, LABEL
     from backorder.model import build_pipeline
-    from backorder.train import Fitted, register_trained
+    from backorder.train import Fitted, Holdout, TrainingRun, register_trained
 
     started = datetime.now(UTC)
     output_dir = output_dir or settings.home / "runs" / f"train-{started:%Y%m%dT%H%M%SZ}"
@@ -317,13 +317,16 @@ def train_partitioned(
             params={"engine": "dask", "partitions": len(files), "sample_rows": len(sample)},
         ),
         settings,
-        holdout_rows=holdout,
-        y_holdout=holdout[LABEL].to_numpy(dtype=np.int64),
-        data=_labelled_data(small, sample),
-        fingerprint=_fingerprint(small, positives + int(y_cal.sum()) + int(holdout[LABEL].sum())),
-        uris=files,
-        started=started,
-        output_dir=output_dir,
+        TrainingRun(
+            holdout=Holdout(holdout, holdout[LABEL].to_numpy(dtype=np.int64)),
+            data=_labelled_data(small, sample),
+            fingerprint=_fingerprint(
+                small, positives + int(y_cal.sum()) + int(holdout[LABEL].sum())
+            ),
+            uris=files,
+            started=started,
+            output_dir=output_dir,
+        ),
         say=say,
         apply_promotion=apply_promotion,
     )

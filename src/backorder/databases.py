@@ -10,6 +10,8 @@ batch replaces its rows, never adds to them.
   so documents carry the id of the run that wrote them. A run inserts its documents and then,
   only once all are in, deletes the batch's documents from any other run; a failed run deletes
   its own. The code is plain pymongo so that a real MongoDB works unchanged.
+
+The drivers (SQLAlchemy, pymongo) are imported where used: runs on files never load them.
 """
 
 from __future__ import annotations

@@ -236,22 +236,27 @@ class DriftCheck:
     metrics: CollectorRegistry  # the figures written to drift.prom, for a push
 
 
+@dataclass
+class DriftFiles:
+    """Where a drift check writes its files and how they are labelled."""
+
+    folder: str | Path  # a local folder or an fsspec URL
+    batch: str  # the ``batch`` label of drift.prom
+    names: tuple[str, str]  # the reference's and the current batch's, as the report shows them
+    details: dict[str, Any] | None = None  # added to drift.json's summary
+
+
 def check_and_report(
     reference: pd.DataFrame,
     current: pd.DataFrame,
-    names: tuple[str, str],
-    folder: str | Path,
-    batch: str,
+    files: DriftFiles,
     threshold: float,
     model: Scorer | None = None,
-    details: dict[str, Any] | None = None,
 ) -> DriftCheck:
     """Compare ``current`` with ``reference`` (and, with a model, its predicted probabilities)
-    and write drift_report.html, drift.json (the summary plus ``details``) and drift.prom
-    (labelled ``batch``) into ``folder``, a local folder or an fsspec URL.
-
-    ``names`` are the reference's and the current batch's names, as the report shows them.
-    """
+    and write drift_report.html, drift.json (the summary plus ``files.details``) and drift.prom
+    (labelled ``files.batch``) into ``files.folder``."""
+    folder, batch, names, details = files.folder, files.batch, files.names, files.details
     probabilities = (
         (model.probability(reference), model.probability(current))
         if model is not None

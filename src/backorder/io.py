@@ -532,6 +532,28 @@ def open_output(
 _DONE = object()
 
 
+def _offer(slots: queue.Queue[Any], entry: Any, stop: threading.Event) -> None:
+    """Put ``entry`` into ``slots`` as soon as there is room, unless the consumer stops first."""
+    while not stop.is_set():
+        try:
+            slots.put(entry, timeout=0.1)
+            break
+        except queue.Full:
+            continue
+
+
+def _produce(items: Iterator[Any], slots: queue.Queue[Any], stop: threading.Event) -> None:
+    """``prefetch``'s producer: every item, then ``_DONE`` (with the exception, if one ended it)."""
+    try:
+        for item in items:
+            _offer(slots, (item, None), stop)
+            if stop.is_set():
+                return
+        slots.put((_DONE, None))
+    except BaseException as exc:
+        slots.put((_DONE, exc))
+
+
 def prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
     """Produce ``items`` on a background thread, up to ``depth`` ahead of the consumer.
 
@@ -541,23 +563,9 @@ def prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
     """
     slots: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        slots.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            slots.put((_DONE, None))
-        except BaseException as exc:
-            slots.put((_DONE, exc))
-
-    worker = threading.Thread(target=produce, name="backorder-prefetch", daemon=True)
+    worker = threading.Thread(
+        target=_produce, args=(items, slots, stop), name="backorder-prefetch", daemon=True
+    )
     worker.start()
     try:
         while True:

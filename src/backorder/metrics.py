@@ -190,16 +190,26 @@ def segment_metrics(
     return pd.DataFrame.from_records(records)
 
 
+@dataclass(frozen=True)
+class Costs:
+    """The business terms predictions are judged by: what a missed backorder and a false alarm
+    cost, and the alert budgets (shares of SKUs reviewed) to report precision and recall at."""
+
+    missed: float
+    false_alarm: float
+    alert_budgets: list[float]
+
+
 def evaluate_predictions(
     rows: pd.DataFrame,
     y: np.ndarray,
     probability: np.ndarray,
     threshold: float,
-    cost_missed: float,
-    cost_false_alarm: float,
-    alert_budgets: list[float],
+    costs: Costs,
 ) -> Evaluation:
     """All metrics for labels ``y`` and calibrated probabilities on validated ``rows``."""
+    cost_missed, cost_false_alarm = costs.missed, costs.false_alarm
+    alert_budgets = costs.alert_budgets
     y = np.asarray(y).astype(np.int64)
     probability = np.asarray(probability, dtype="float64")
     n_positive = int(y.sum())

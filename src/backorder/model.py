@@ -120,8 +120,11 @@ class BackorderClassifier(ClassifierMixin, BaseEstimator):
     rate, compiled trees) belong to ``Scorer``; a fitted classifier is not changed by scoring.
     """
 
-    def __init__(
+    # scikit-learn reads an estimator's hyperparameters from __init__'s signature (get_params,
+    # clone, set_params), one keyword each: grouping them would hide them from it.
+    def __init__(  # noqa: PLR0913
         self,
+        *,
         booster_params: dict[str, Any] | None = None,
         max_trees: int = 3000,
         early_stopping_rounds: int = 200,
@@ -237,7 +240,8 @@ class BackorderClassifier(ClassifierMixin, BaseEstimator):
         self.oof_probability_ = probability
         return self
 
-    def _set_fitted(
+    # Every fitted attribute, by name, in the one place that sets them.
+    def _set_fitted(  # noqa: PLR0913
         self,
         booster: lgb.Booster,
         *,

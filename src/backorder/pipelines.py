@@ -78,7 +78,7 @@ def check_drift(
     Returns the drift summary (drifted features, report URI). Raises ``DriftBlocked`` when the
     policy blocks this kind of batch and something drifted, after writing the report.
     """
-    from backorder.drift import check_and_report
+    from backorder.drift import DriftFiles, check_and_report
 
     landing = Landing(root)
     uri = batch_uri(root, batch_id, kind)
@@ -92,12 +92,14 @@ def check_drift(
     checked = check_and_report(
         reference,
         rows,
-        (f"training reference of model v{loaded.version}", uri),
-        landing.uri(REPORTS, batch_id),
-        batch_id,
+        DriftFiles(
+            landing.uri(REPORTS, batch_id),
+            batch_id,
+            (f"training reference of model v{loaded.version}", uri),
+            {"model_version": loaded.version, "current": uri},
+        ),
         settings.drift_psi_threshold,
         loaded,
-        {"model_version": loaded.version, "current": uri},
     )
     # Scored and labelled batches push to groups of their own: one must not replace the other.
     job = "drift" if kind == UNSCORED else "drift_labelled"

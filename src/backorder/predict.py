@@ -198,7 +198,7 @@ def _check_output(uri: str) -> None:
         table_format(uri)
 
 
-def predict_file(
+def predict_file(  # noqa: PLR0913, PLR0917 -- cli.py calls it positionally; its regrouping goes with the cli.py rework
     source: str | Path | Source,
     output: str | Path,
     model: LoadedModel,

@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,19 @@ MODEL_ARTIFACT = "model"
 REFERENCE_FILE = "reference.parquet"
 
 
+@dataclass
+class RunRecord:
+    """What a training run logs to MLflow beside its model: the model's metadata, the run's
+    params, metrics, tags and artifacts, and the drift reference that travels with the model."""
+
+    metadata: dict[str, Any]
+    params: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    artifacts: list[Path] = field(default_factory=list)
+    reference: pd.DataFrame | None = None
+
+
 class Registry:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -68,18 +82,11 @@ class Registry:
             location = (self.settings.home / "mlartifacts").resolve().as_uri()
         return str(self.client.create_experiment(self.settings.experiment_name, location))
 
-    def log_training_run(
-        self,
-        pipeline: Pipeline,
-        metadata: dict[str, Any],
-        params: dict[str, Any],
-        metrics: dict[str, float],
-        tags: dict[str, str],
-        artifacts: list[Path],
-        reference: pd.DataFrame | None = None,
-    ) -> tuple[str, str]:
+    def log_training_run(self, pipeline: Pipeline, record: RunRecord) -> tuple[str, str]:
         """Log one training run and register its model (an MLflow pyfunc model, see
         ``backorder.mlflow_model``); return (run id, model version)."""
+        metadata, params, metrics = record.metadata, record.params, record.metrics
+        tags, artifacts, reference = record.tags, record.artifacts, record.reference
         with mlflow.start_run(experiment_id=self.experiment_id()) as run:
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             mlflow.log_metrics(metrics)

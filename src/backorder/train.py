@@ -30,9 +30,9 @@ from backorder.data import (
     load_labelled,
 )
 from backorder.io import redact, write_json_atomic, write_table_atomic, write_text_atomic
-from backorder.metrics import Evaluation, evaluate_predictions, flat_metrics
+from backorder.metrics import Costs, Evaluation, evaluate_predictions, flat_metrics
 from backorder.model import BackorderClassifier, Scorer, build_pipeline
-from backorder.registry import Registry
+from backorder.registry import Registry, RunRecord
 from backorder.report import evaluation_sections, render, table
 
 HASH_BUCKETS = 10_000
@@ -126,13 +126,11 @@ def _evaluate(
         y,
         p,
         threshold,
-        settings.cost_missed_backorder,
-        settings.cost_false_alarm,
-        settings.alert_budgets,
+        Costs(settings.cost_missed_backorder, settings.cost_false_alarm, settings.alert_budgets),
     )
 
 
-def run_training(
+def run_training(  # noqa: PLR0913, PLR0917 -- five once `say` leaves (logging change)
     uris: Sequence[str | Path],
     settings: Settings,
     output_dir: Path | None = None,
@@ -179,13 +177,14 @@ def run_training(
     return register_trained(
         Fitted(pipeline, fit_seconds, train_rows, y_train, clf.oof_probability_),
         settings,
-        holdout_rows=holdout_rows,
-        y_holdout=y_holdout,
-        data=data,
-        fingerprint=data.fingerprint(),
-        uris=uris,
-        started=started,
-        output_dir=output_dir,
+        TrainingRun(
+            holdout=Holdout(holdout_rows, y_holdout),
+            data=data,
+            fingerprint=data.fingerprint(),
+            uris=uris,
+            started=started,
+            output_dir=output_dir,
+        ),
         say=say,
         apply_promotion=apply_promotion,
     )
@@ -207,84 +206,57 @@ class Fitted:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Holdout:
+    """The promotion holdout: rows no model trains on, and their labels."""
+
+    rows: pd.DataFrame
+    y: np.ndarray
+
+
+@dataclass
+class TrainingRun:
+    """What a training run records besides the fitted pipeline: its inputs, its holdout, when
+    it started and where its files go."""
+
+    holdout: Holdout
+    data: LabelledData
+    fingerprint: dict[str, Any]
+    uris: Sequence[str | Path]
+    started: datetime
+    output_dir: Path
+
+
+@dataclass
+class Assessment:
+    """How a fitted pipeline did: on its validation rows, on the holdout (None without rows of
+    both classes there), the champion's holdout metrics, and the promotion decision."""
+
+    validation: Evaluation
+    holdout: Evaluation | None
+    champion: dict[str, Any] | None
+    decision: PromotionDecision
+
+
 def register_trained(
     fitted: Fitted,
     settings: Settings,
-    *,
-    holdout_rows: pd.DataFrame,
-    y_holdout: np.ndarray,
-    data: LabelledData,
-    fingerprint: dict[str, Any],
-    uris: Sequence[str | Path],
-    started: datetime,
-    output_dir: Path,
+    run: TrainingRun,
     say: Say = lambda _msg: None,
     apply_promotion: bool = True,
 ) -> TrainingOutcome:
     """Evaluate a fitted pipeline, compare it with the champion on the holdout, log it to
     MLflow, register it as challenger and write its report: whichever engine fitted it."""
     model = Scorer(fitted.pipeline)
-    validation = _evaluate(
-        fitted.validation_rows,
-        fitted.validation_y,
-        fitted.validation_probability,
-        model.threshold,
-        settings,
-    )
     registry = Registry(settings)
-    champion_version = registry.champion_version()
-    holdout_eval, champion_holdout = _compare_on_holdout(
-        model, registry, champion_version, holdout_rows, y_holdout, settings
-    )
-    decision = decide_promotion(
-        holdout_eval.metrics if holdout_eval else {}, champion_holdout, settings, champion_version
-    )
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    # Always written, even empty, so that a re-run never leaves an earlier run's rejects behind.
-    rejects_file = write_table_atomic(output_dir / "rejects.csv", data.rejects)
-    metrics_file = write_json_atomic(
-        output_dir / "metrics.json",
-        {
-            "validation": _with_tables(validation),
-            "holdout": _with_tables(holdout_eval) if holdout_eval else None,
-            "champion_on_holdout": champion_holdout,
-            "promotion": asdict(decision),
-            "data": {
-                "sources": [asdict(s) for s in data.sources],
-                "fingerprint": fingerprint,
-                "warnings": dict(data.warnings),
-            },
-            "model": _model_facts(model.classifier, fitted.fit_seconds),
-        },
-    )
+    assessment = _assess(fitted, model, registry, run.holdout)
+    decision, output_dir = assessment.decision, run.output_dir
+    rejects_file, metrics_file = _write_run_files(run, model, fitted, assessment)
 
     # The report names the version, so register first, then write and attach the report.
-    run_id, version = _log_run(
-        registry,
-        fitted,
-        model,
-        settings,
-        fingerprint=fingerprint,
-        uris=uris,
-        started=started,
-        validation=validation,
-        holdout=holdout_eval,
-        decision=decision,
-    )
+    run_id, version = _log_run(registry, fitted, model, run, assessment)
     report = output_dir / "report.html"
-    html = _training_report(
-        version,
-        data,
-        fingerprint,
-        model,
-        fitted.fit_seconds,
-        validation,
-        holdout_eval,
-        champion_holdout,
-        decision,
-        fitted,
-    )
+    html = _training_report(version, run, model, assessment, fitted)
     write_text_atomic(report, html)
     registry.client.log_artifact(run_id, str(report))
     registry.client.log_artifact(run_id, str(metrics_file))
@@ -301,23 +273,67 @@ def register_trained(
         report=report,
         metrics_file=metrics_file,
         rejects_file=rejects_file,
-        validation=validation.metrics,
-        holdout=holdout_eval.metrics if holdout_eval else None,
-        data=data,
+        validation=assessment.validation.metrics,
+        holdout=assessment.holdout.metrics if assessment.holdout else None,
+        data=run.data,
         fit_seconds=fitted.fit_seconds,
     )
+
+
+def _assess(fitted: Fitted, model: Scorer, registry: Registry, holdout: Holdout) -> Assessment:
+    """Evaluate on the validation rows, compare with the champion on the holdout, decide."""
+    settings = registry.settings
+    validation = _evaluate(
+        fitted.validation_rows,
+        fitted.validation_y,
+        fitted.validation_probability,
+        model.threshold,
+        settings,
+    )
+    champion_version = registry.champion_version()
+    holdout_eval, champion_holdout = _compare_on_holdout(model, registry, champion_version, holdout)
+    decision = decide_promotion(
+        holdout_eval.metrics if holdout_eval else {}, champion_holdout, settings, champion_version
+    )
+    return Assessment(validation, holdout_eval, champion_holdout, decision)
+
+
+def _write_run_files(
+    run: TrainingRun, model: Scorer, fitted: Fitted, assessment: Assessment
+) -> tuple[Path, Path]:
+    """The run's rejects.csv and metrics.json; return their paths."""
+    data, output_dir = run.data, run.output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    # Always written, even empty, so that a re-run never leaves an earlier run's rejects behind.
+    rejects_file = write_table_atomic(output_dir / "rejects.csv", data.rejects)
+    holdout_eval = assessment.holdout
+    metrics_file = write_json_atomic(
+        output_dir / "metrics.json",
+        {
+            "validation": _with_tables(assessment.validation),
+            "holdout": _with_tables(holdout_eval) if holdout_eval else None,
+            "champion_on_holdout": assessment.champion,
+            "promotion": asdict(assessment.decision),
+            "data": {
+                "sources": [asdict(s) for s in data.sources],
+                "fingerprint": run.fingerprint,
+                "warnings": dict(data.warnings),
+            },
+            "model": _model_facts(model.classifier, fitted.fit_seconds),
+        },
+    )
+    return rejects_file, metrics_file
 
 
 def _compare_on_holdout(
     model: Scorer,
     registry: Registry,
     champion_version: str | None,
-    holdout_rows: pd.DataFrame,
-    y_holdout: np.ndarray,
-    settings: Settings,
+    holdout: Holdout,
 ) -> tuple[Evaluation | None, dict[str, Any] | None]:
     """The challenger's evaluation on the promotion holdout and the champion's metrics there;
     None for either when there is nothing to compare on (no holdout rows of both classes)."""
+    holdout_rows, y_holdout, settings = holdout.rows, holdout.y, registry.settings
     if not (len(holdout_rows) and 0 < y_holdout.sum() < len(y_holdout)):
         return None, None
     challenger = _evaluate(
@@ -344,20 +360,12 @@ def _model_facts(clf: BackorderClassifier, fit_seconds: float) -> dict[str, Any]
 
 
 def _log_run(
-    registry: Registry,
-    fitted: Fitted,
-    model: Scorer,
-    settings: Settings,
-    *,
-    fingerprint: dict[str, Any],
-    uris: Sequence[str | Path],
-    started: datetime,
-    validation: Evaluation,
-    holdout: Evaluation | None,
-    decision: PromotionDecision,
+    registry: Registry, fitted: Fitted, model: Scorer, run: TrainingRun, assessment: Assessment
 ) -> tuple[str, str]:
     """Log the run (params, metrics, tags, model, drift reference) to MLflow and register the
     model; return (run id, model version)."""
+    settings, fingerprint, uris, started = registry.settings, run.fingerprint, run.uris, run.started
+    validation, holdout, decision = assessment.validation, assessment.holdout, assessment.decision
     train_rows, fit_seconds = fitted.validation_rows, fitted.fit_seconds
     metadata = {
         "trained_at": started.isoformat(timespec="seconds"),
@@ -398,7 +406,8 @@ def _log_run(
         n=min(len(train_rows), settings.drift_reference_rows), random_state=settings.random_seed
     )
     return registry.log_training_run(
-        fitted.pipeline, metadata, params, mlflow_metrics, tags, artifacts=[], reference=reference
+        fitted.pipeline,
+        RunRecord(metadata, params, mlflow_metrics, tags, artifacts=[], reference=reference),
     )
 
 
@@ -426,17 +435,11 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _training_report(
-    version: str,
-    data: LabelledData,
-    fingerprint: dict[str, Any],
-    model: Scorer,
-    fit_seconds: float,
-    validation: Evaluation,
-    holdout: Evaluation | None,
-    champion: dict[str, Any] | None,
-    decision: PromotionDecision,
-    fitted: Fitted,
+    version: str, run: TrainingRun, model: Scorer, assessment: Assessment, fitted: Fitted
 ) -> str:
+    data, fingerprint, fit_seconds = run.data, run.fingerprint, fitted.fit_seconds
+    validation, holdout, champion = assessment.validation, assessment.holdout, assessment.champion
+    decision = assessment.decision
     train_rows, clf = fitted.validation_rows, model.classifier
     sources = pd.DataFrame([asdict(s) for s in data.sources])
     body = "<h2>Inputs</h2>" + table(sources)

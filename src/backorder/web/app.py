@@ -78,7 +78,7 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
 
 
 def serve(settings: Settings, host: str, port: int, model_ref: str) -> None:
-    import uvicorn
+    import uvicorn  # only the serving process needs the server
 
     configure_json()
     if not settings.serve_wait_for_model:
