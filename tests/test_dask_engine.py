@@ -42,9 +42,8 @@ def test_dask_scores_every_partition_like_the_local_engine(
     trained_settings: Settings, tmp_path: Path
 ) -> None:
     paths = _partitioned(tmp_path / "in")
-    said: list[str] = []
     totals = predict_partitioned(
-        str(tmp_path / "in"), str(tmp_path / "out"), trained_settings, workers=2, say=said.append
+        str(tmp_path / "in"), str(tmp_path / "out"), trained_settings, workers=2
     )
     assert totals["read"] == 9100 and totals["rejected"] == 2 and totals["scored"] == 9098
     assert len(totals["partitions"]) == 4

@@ -228,7 +228,7 @@ def test_landing_layout_on_s3(s3_env: SeaweedS3, trained_settings: Settings) -> 
     root = f"s3://{bucket}/backorder"
     landing = Landing(root)
     landing.land(SAMPLE / "new_batch.csv.gz", UNSCORED, "20261105T000000Z")
-    done = score_pending(root, trained_settings, say=lambda _m: None)
+    done = score_pending(root, trained_settings)
     assert [d["batch_id"] for d in done] == ["20261105T000000Z"]
     record = landing.records("scoring")["20261105T000000Z"]
     assert record["read"] == record["scored"] + record["rejected"]
