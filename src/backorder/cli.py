@@ -61,6 +61,8 @@ SchedulerOption = Annotated[
 WorkersOption = Annotated[
     int, typer.Option("--workers", help="LocalCluster worker processes (--engine dask).")
 ]
+# An option checked by hand, not a Typer choice: a wrong value is a one-line error like the rest.
+ENGINES = ("local", "dask")
 BaseRateOption = Annotated[
     float | None,
     typer.Option(
@@ -70,15 +72,10 @@ BaseRateOption = Annotated[
 ]
 
 
-class Engine(StrEnum):
-    local = "local"
-    dask = "dask"
-
-
 # Progress, warnings and errors are log records of the ``backorder`` loggers, whichever module
 # writes them; the handler installed here puts them on stderr as timestamped text for people, or
 # as JSON lines (BACKORDER_LOG_FORMAT=json) for a log shipper. Results stay on stdout either way.
-log = logging.getLogger(__name__)
+log = logging.getLogger("backorder.cli")  # not __name__: "__main__" under python -m
 
 
 class LogFormat(StrEnum):
@@ -220,13 +217,13 @@ def train(  # noqa: PLR0913, PLR0917, RUF100
         Path | None, typer.Option("--output", help="Folder for report, metrics and rejects.")
     ] = None,
     engine: Annotated[
-        Engine,
+        str,
         typer.Option(
             "--engine",
             help="'local' (one process) or 'dask': --data is then one folder or prefix of "
             "Parquet/CSV partitions, trained on with lightgbm.dask across the cluster.",
         ),
-    ] = Engine.local,
+    ] = "local",
     scheduler: SchedulerOption = None,
     workers: WorkersOption = 2,
     config: ConfigOption = None,
@@ -235,7 +232,9 @@ def train(  # noqa: PLR0913, PLR0917, RUF100
     from backorder.train import run_training
 
     settings = _settings(config)
-    if engine is Engine.dask:
+    if engine not in ENGINES:
+        _fail(f"--engine {engine}: expected local or dask", 2)
+    if engine == "dask":
         from backorder.dask_engine import train_partitioned
 
         if len(data) != 1 or data_table:
@@ -329,13 +328,13 @@ def predict(  # noqa: PLR0913, PLR0917, RUF100
         ),
     ] = None,
     engine: Annotated[
-        Engine,
+        str,
         typer.Option(
             "--engine",
             help="'local' (one process) or 'dask': --input and --output are then a folder or "
             "prefix of Parquet/CSV partitions, scored in parallel.",
         ),
-    ] = Engine.local,
+    ] = "local",
     scheduler: SchedulerOption = None,
     workers: WorkersOption = 2,
     model: ModelOption = "champion",
@@ -345,7 +344,9 @@ def predict(  # noqa: PLR0913, PLR0917, RUF100
     """Score a batch: every row is scored or written to the rejects with its reason."""
     settings = _settings(config, scoring_base_rate=base_rate)
     bind(batch_id=batch_id)
-    if engine is Engine.dask:
+    if engine not in ENGINES:
+        _fail(f"--engine {engine}: expected local or dask", 2)
+    if engine == "dask":
         from backorder.dask_engine import predict_partitioned
 
         totals = _guard(
