@@ -121,8 +121,8 @@ class _TextHandler(logging.Handler):
 def _configure_text() -> None:
     """Records of the ``backorder`` loggers, INFO and up, on stderr as text lines."""
     logger = logging.getLogger("backorder")
-    for handler in [h for h in logger.handlers if isinstance(h, _TextHandler)]:
-        logger.removeHandler(handler)  # one handler, however many commands run in a process
+    for stale in [handler for handler in logger.handlers if isinstance(handler, _TextHandler)]:
+        logger.removeHandler(stale)  # one handler, however many commands run in a process
     logger.addHandler(_TextHandler(logging.INFO))
     logger.setLevel(logging.INFO)
 
