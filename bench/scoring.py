@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import subprocess
@@ -192,7 +193,7 @@ def job_train(path: Path, out: Path, home: Path, **_: Any) -> int:
     from backorder.train import run_training
 
     settings = load_settings(None, home=home)
-    outcome = run_training([path], settings, out, say=lambda m: print(m, file=sys.stderr))
+    outcome = run_training([path], settings, out)
     return outcome.data.n_read
 
 
@@ -202,9 +203,7 @@ def job_train_dask(path: Path, out: Path, home: Path, workers: int, **_: Any) ->
 
     settings = load_settings(None, home=home)
     parts = path.with_suffix("")  # the same rows as 250 k-row partitions
-    outcome = train_partitioned(
-        str(parts), settings, out, workers=workers, say=lambda m: print(m, file=sys.stderr)
-    )
+    outcome = train_partitioned(str(parts), settings, output_dir=out, workers=workers)
     return outcome.data.n_read
 
 
@@ -238,6 +237,8 @@ def run_job(name: str, **kwargs: Any) -> dict[str, float]:
 
 
 def child(name: str, payload: str) -> None:
+    # Progress (INFO logs) on stderr: the parent shows it when a job fails.
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     kwargs = json.loads(payload)
     for key in ("path", "out", "home", "rf_model"):
         if key in kwargs:

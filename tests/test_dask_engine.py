@@ -42,9 +42,8 @@ def test_dask_scores_every_partition_like_the_local_engine(
     trained_settings: Settings, tmp_path: Path
 ) -> None:
     paths = _partitioned(tmp_path / "in")
-    said: list[str] = []
     totals = predict_partitioned(
-        str(tmp_path / "in"), str(tmp_path / "out"), trained_settings, workers=2, say=said.append
+        str(tmp_path / "in"), str(tmp_path / "out"), trained_settings, workers=2
     )
     assert totals["read"] == 9100 and totals["rejected"] == 2 and totals["scored"] == 9098
     assert len(totals["partitions"]) == 4
@@ -105,7 +104,7 @@ def test_dask_training_registers_a_calibrated_model_with_the_local_holdout(
     last.to_csv(folder / "part-3.csv", index=False)
     settings = make_settings(tmp_path / "home")
 
-    outcome = train_partitioned(str(folder), settings, tmp_path / "run", workers=2)
+    outcome = train_partitioned(str(folder), settings, output_dir=tmp_path / "run", workers=2)
 
     assert sum(s.read for s in outcome.data.sources) == len(frame)
     assert sum(s.rejected for s in outcome.data.sources) == 2

@@ -228,7 +228,7 @@ def test_landing_layout_on_s3(s3_env: SeaweedS3, trained_settings: Settings) -> 
     root = f"s3://{bucket}/backorder"
     landing = Landing(root)
     landing.land(SAMPLE / "new_batch.csv.gz", UNSCORED, "20261105T000000Z")
-    done = score_pending(root, trained_settings, say=lambda _m: None)
+    done = score_pending(root, trained_settings)
     assert [d["batch_id"] for d in done] == ["20261105T000000Z"]
     record = landing.records("scoring")["20261105T000000Z"]
     assert record["read"] == record["scored"] + record["rejected"]
@@ -259,7 +259,7 @@ def test_s3_stopping_mid_batch_fails_cleanly_and_a_retry_succeeds(
             output,
             model,
             settings,
-            rejects,
+            rejects=rejects,
             on_chunk=stop_after_first_chunk,
             batch_id="20261106T000000Z",
         )
@@ -274,7 +274,12 @@ def test_s3_stopping_mid_batch_fails_cleanly_and_a_retry_succeeds(
     assert not fs.exists(output.removeprefix("s3://"))  # nothing partial was left
     assert not fs.exists(rejects.removeprefix("s3://"))
     summary = predict_file(
-        SAMPLE / "new_batch.csv.gz", output, model, settings, rejects, batch_id="20261106T000000Z"
+        SAMPLE / "new_batch.csv.gz",
+        output,
+        model,
+        settings,
+        rejects=rejects,
+        batch_id="20261106T000000Z",
     )
     assert summary.read == summary.scored + summary.rejected
     assert sorted(fs.find(bucket)) == sorted(

@@ -60,7 +60,7 @@ def test_score_pending_scores_each_batch_once_and_records_it(
     landing.land(SAMPLE / "new_batch.csv.gz", UNSCORED, "20261102T000000Z")
     assert pending_scoring(root) == ["20261102T000000Z"]
 
-    done = score_pending(root, trained_settings, say=lambda _m: None)
+    done = score_pending(root, trained_settings)
     assert [d["batch_id"] for d in done] == ["20261102T000000Z"]
     record = landing.records("scoring")["20261102T000000Z"]
     assert record["status"] == "scored"
@@ -75,7 +75,7 @@ def test_score_pending_scores_each_batch_once_and_records_it(
 
     # Nothing pending now; scoring the batch again replaces its outputs, never adds to them.
     assert pending_scoring(root) == []
-    assert score_pending(root, trained_settings, say=lambda _m: None) == []
+    assert score_pending(root, trained_settings) == []
     again = score_batch(root, "20261102T000000Z", trained_settings)
     assert again["scored"] == record["scored"]
     assert sorted(p.name for p in (tmp_path / "landing" / "predictions").iterdir()) == [
@@ -109,11 +109,11 @@ def test_drift_policy_blocks_scoring_and_says_why(
     # Still pending: a blocked batch is not done, and the run as a whole fails.
     assert pending_scoring(root) == ["20261103T000000Z"]
     with pytest.raises(BackorderError, match="1 batch"):
-        score_pending(root, blocking, say=lambda _m: None)
+        score_pending(root, blocking)
 
     # The default policy only warns: the batch is scored and the drift is on its record.
     with caplog.at_level(logging.INFO, logger="backorder.pipelines"):
-        warned = score_pending(root, trained_settings, say=lambda _m: None)
+        warned = score_pending(root, trained_settings)
     # Each step's log line names its batch and model version (JSON lines in production).
     logged = {r.getMessage(): json.loads(JsonFormatter().format(r)) for r in caplog.records}
     assert logged["drift checked"]["level"] == "warning"
@@ -142,11 +142,11 @@ def test_training_runs_only_on_new_labelled_batches(tmp_path: Path) -> None:
     settings = make_settings(tmp_path / "home")
     root = str(tmp_path / "landing")
     landing = Landing(root)
-    assert train_if_new(root, settings, say=lambda _m: None) is None  # no data: a skip
+    assert train_if_new(root, settings) is None  # no data: a skip
 
     landing.land(SAMPLE / "labelled.csv.gz", LABELLED, "20261101T000000Z")
     assert pending_training(root) == ["20261101T000000Z"]
-    first = train_if_new(root, settings, say=lambda _m: None)
+    first = train_if_new(root, settings)
     assert first is not None and first["promoted"] and first["champion"] == first["version"]
     record = landing.records("training")["20261101T000000Z"]
     assert record["batches"] == ["20261101T000000Z"] and record["status"] == "trained"
@@ -154,11 +154,11 @@ def test_training_runs_only_on_new_labelled_batches(tmp_path: Path) -> None:
         tmp_path / "landing" / "reports" / "training" / "20261101T000000Z" / "report.html"
     ).is_file()
     assert pending_training(root) == []
-    assert train_if_new(root, settings, say=lambda _m: None) is None
+    assert train_if_new(root, settings) is None
 
     # A second labelled batch: retrain on both; promotion is decided on the same holdout.
     landing.land(SAMPLE / "holdout.csv.gz", LABELLED, "20261108T000000Z")
-    second = train_if_new(root, settings, say=lambda _m: None)
+    second = train_if_new(root, settings)
     assert second is not None and second["batches"] == ["20261101T000000Z", "20261108T000000Z"]
     assert second["new_batches"] == ["20261108T000000Z"]
     assert second["champion"] == (second["version"] if second["promoted"] else first["version"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+# Start-up stays fast (`backorder --help`, a mistyped option): modules that pull in MLflow,
+# LightGBM, pandas or pandera, Dask or uvicorn are imported inside the commands that use them.
 import json
 import logging
 import sys
@@ -11,7 +13,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -22,6 +24,11 @@ from rich.table import Table
 from backorder.config import Settings, load_settings
 from backorder.errors import BackorderError, ConfigError
 from backorder.logs import bind, configure_json
+from backorder.uris import is_database, with_table
+
+if TYPE_CHECKING:
+    from backorder.data import ChunkProgress
+    from backorder.io import Source
 
 app = typer.Typer(
     add_completion=False,
@@ -32,10 +39,11 @@ app = typer.Typer(
 models_app = typer.Typer(no_args_is_help=True, help="List, promote and roll back model versions.")
 app.add_typer(models_app, name="models")
 
-# soft_wrap: long paths and summaries stay on one line, so logs can be grepped.
-err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
-T = TypeVar("T")
+# soft_wrap: long paths and summaries stay on one line, so logs can be grepped. Results are
+# plain text: a path or a message with [brackets] is printed as it is, not read as markup.
+err = Console(stderr=True, soft_wrap=True, highlight=False)
+out = Console(soft_wrap=True, highlight=False, markup=False)
+Result = TypeVar("Result")
 
 ConfigOption = Annotated[
     Path | None,
@@ -53,6 +61,8 @@ SchedulerOption = Annotated[
 WorkersOption = Annotated[
     int, typer.Option("--workers", help="LocalCluster worker processes (--engine dask).")
 ]
+# An option checked by hand, not a Typer choice: a wrong value is a one-line error like the rest.
+ENGINES = ("local", "dask")
 BaseRateOption = Annotated[
     float | None,
     typer.Option(
@@ -62,10 +72,10 @@ BaseRateOption = Annotated[
 ]
 
 
-# Progress, warnings and errors go to stderr: timestamped text for people, or JSON lines
-# (BACKORDER_LOG_FORMAT=json) for a log shipper. Results stay on stdout either way.
-log = logging.getLogger("backorder.cli")
-_log_format = {"json": False}  # set once per process by the callback below
+# Progress, warnings and errors are log records of the ``backorder`` loggers, whichever module
+# writes them; the handler installed here puts them on stderr as timestamped text for people, or
+# as JSON lines (BACKORDER_LOG_FORMAT=json) for a log shipper. Results stay on stdout either way.
+log = logging.getLogger("backorder.cli")  # not __name__: "__main__" under python -m
 
 
 class LogFormat(StrEnum):
@@ -84,33 +94,53 @@ def _main(
         ),
     ] = LogFormat.text,
 ) -> None:
-    _log_format["json"] = log_format is LogFormat.json
-    if _log_format["json"]:
+    if log_format is LogFormat.json:
         configure_json()
     else:
         _configure_text()
 
 
+class _TextHandler(logging.Handler):
+    """Progress (INFO) as a dim UTC time and the message; warnings as ``warning: ...`` and
+    errors as ``error: ...``, one line each."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = escape(record.getMessage())
+            if record.levelno >= logging.ERROR:
+                err.print(f"[bold red]error:[/] {message}")
+            elif record.levelno >= logging.WARNING:
+                err.print(f"warning: {message}")
+            else:
+                when = datetime.fromtimestamp(record.created, UTC)
+                err.print(f"[dim]{when:%H:%M:%S}[/] {message}")
+        except Exception:
+            self.handleError(record)
+
+
+def _configure_text() -> None:
+    """Records of the ``backorder`` loggers, INFO and up, on stderr as text lines."""
+    logger = logging.getLogger("backorder")
+    for stale in [handler for handler in logger.handlers if isinstance(handler, _TextHandler)]:
+        logger.removeHandler(stale)  # one handler, however many commands run in a process
+    logger.addHandler(_TextHandler(logging.INFO))
+    logger.setLevel(logging.INFO)
+
+
 def _one_line_warning(message: Any, *_args: Any, **_kwargs: Any) -> None:
-    """Warnings (say, compiled trees unavailable) as one line on stderr, not Python's two."""
-    if _log_format["json"]:
-        log.warning(str(message))
-    else:
-        err.print(f"warning: {message}", highlight=False)
+    """Warnings (compiled trees unavailable, for one) as one log line, not Python's two."""
+    log.warning(str(message))
 
 
 warnings.showwarning = _one_line_warning
 
 
-def _fail(message: str, code: int) -> None:
-    if _log_format["json"]:
-        log.error(message, extra={"exit_code": code})
-    else:
-        err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+def _fail(message: str, code: int) -> NoReturn:
+    log.error(message, extra={"exit_code": code})
     raise typer.Exit(code)
 
 
-def _guard(action: Callable[[], T]) -> T:
+def _guard(action: Callable[[], Result]) -> Result:
     """Run a command; user-facing errors become one line on stderr and a non-zero exit."""
     try:
         return action()
@@ -121,48 +151,15 @@ def _guard(action: Callable[[], T]) -> T:
     except OSError as exc:  # e.g. an output folder that is not writable
         where = exc.filename or "file system"
         _fail(f"{where}: {exc.strerror or exc}", 1)
-    raise AssertionError("unreachable")
 
 
 def _settings(config: Path | None, **overrides: Any) -> Settings:
-    given = {k: v for k, v in overrides.items() if v is not None}
+    given = {name: value for name, value in overrides.items() if value is not None}
     return _guard(lambda: load_settings(config, **given))
 
 
-def _say(message: str) -> None:
-    if _log_format["json"]:
-        log.info(message)
-        return
-    err.print(f"[dim]{datetime.now(UTC):%H:%M:%S}[/] {message}", highlight=False)
-
-
-class _TextHandler(logging.Handler):
-    """Progress the library logs (INFO) printed as ``_say`` prints it; warnings and errors as
-    Python's last-resort handler would (the message alone), since this handler replaces it."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            message = record.getMessage()
-            if record.levelno == logging.INFO:
-                when = datetime.fromtimestamp(record.created, UTC)
-                err.print(f"[dim]{when:%H:%M:%S}[/] {escape(message)}", highlight=False)
-            else:
-                err.print(message, highlight=False, markup=False)
-        except Exception:
-            self.handleError(record)
-
-
-def _configure_text() -> None:
-    """INFO records of the ``backorder`` loggers on stderr as timestamped text lines."""
-    logger = logging.getLogger("backorder")
-    for handler in [h for h in logger.handlers if isinstance(h, _TextHandler)]:
-        logger.removeHandler(handler)  # one handler, however many commands run in a process
-    logger.addHandler(_TextHandler(logging.INFO))
-    logger.setLevel(logging.INFO)
-
-
 @contextmanager
-def _reading_progress() -> Iterator[Callable[[Any], None]]:
+def _reading_progress() -> Iterator[ChunkProgress]:
     """A progress bar over bytes of input read; silent when stderr is not a terminal."""
     progress = Progress(
         TextColumn("reading"),
@@ -175,7 +172,7 @@ def _reading_progress() -> Iterator[Callable[[Any], None]]:
     )
     tasks: dict[str, Any] = {}
 
-    def on_chunk(table: Any) -> None:
+    def on_chunk(table: Source) -> None:
         if table.uri not in tasks:
             tasks[table.uri] = progress.add_task(table.uri, total=table.size_bytes)
         progress.update(tasks[table.uri], completed=table.position())
@@ -186,8 +183,6 @@ def _reading_progress() -> Iterator[Callable[[Any], None]]:
 
 def _with_tables(uris: list[str], tables: list[str]) -> list[str]:
     """Pair each database URI that names no table (``URI#TABLE``) with the next --data-table."""
-    from backorder.io import is_database
-
     remaining = list(tables)
     paired = []
     for uri in uris:
@@ -202,8 +197,10 @@ def _with_tables(uris: list[str], tables: list[str]) -> list[str]:
     return paired
 
 
+# A Typer command's parameters are its options, so those with many carry `noqa: PLR0913,
+# PLR0917` (RUF100 too, while pyproject.toml does not select the size rules yet).
 @app.command()
-def train(
+def train(  # noqa: PLR0913, PLR0917
     data: Annotated[
         list[str],
         typer.Option(
@@ -235,31 +232,33 @@ def train(
     from backorder.train import run_training
 
     settings = _settings(config)
+    if engine not in ENGINES:
+        _fail(f"--engine {engine}: expected local or dask", 2)
     if engine == "dask":
         from backorder.dask_engine import train_partitioned
 
         if len(data) != 1 or data_table:
             _fail("--engine dask: give one --data folder or prefix of partitions", 2)
         outcome = _guard(
-            lambda: train_partitioned(data[0], settings, output, scheduler, workers, _say)
+            lambda: train_partitioned(
+                data[0], settings, output_dir=output, scheduler=scheduler, workers=workers
+            )
         )
-    elif engine == "local":
+    else:
         sources = _guard(lambda: _with_tables(data, data_table or []))
         with _reading_progress() as on_chunk:
-            outcome = _guard(lambda: run_training(sources, settings, output, _say, on_chunk))
-    else:
-        _fail(f"--engine {engine}: expected local or dask", 2)
-    v = outcome.validation
+            outcome = _guard(lambda: run_training(sources, settings, output, on_chunk=on_chunk))
+    validation = outcome.validation
     out.print(
         f"model v{outcome.version} ({'champion' if outcome.promoted else 'challenger'}): "
-        f"validation ROC AUC {v['roc_auc']:.4f}, average precision {v['average_precision']:.4f}, "
-        f"threshold {v['threshold']:.4f}",
-        highlight=False,
+        f"validation ROC AUC {validation['roc_auc']:.4f}, "
+        f"average precision {validation['average_precision']:.4f}, "
+        f"threshold {validation['threshold']:.4f}"
     )
-    out.print(f"promotion: {outcome.decision.reason}", highlight=False)
-    out.print(f"report:  {outcome.report}", highlight=False)
-    out.print(f"metrics: {outcome.metrics_file}", highlight=False)
-    out.print(f"rejects: {outcome.rejects_file}", highlight=False)
+    out.print(f"promotion: {outcome.decision.reason}")
+    out.print(f"report:  {outcome.report}")
+    out.print(f"metrics: {outcome.metrics_file}")
+    out.print(f"rejects: {outcome.rejects_file}")
 
 
 @app.command()
@@ -275,23 +274,25 @@ def evaluate(
 
     settings = _settings(config, scoring_base_rate=base_rate)
     with _reading_progress() as on_chunk:
-        outcome = _guard(lambda: run_evaluation(data, output, settings, model, _say, on_chunk))
-    m = outcome.metrics
-    auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"
-    ap = "n/a" if m["average_precision"] is None else f"{m['average_precision']:.4f}"
+        outcome = _guard(lambda: run_evaluation(data, output, settings, model, on_chunk=on_chunk))
+    metrics = outcome.metrics
     out.print(
-        f"read {m['n_read']:,} rows: evaluated {m['n_rows']:,} ({m['n_positive']:,} backorders), "
-        f"rejected {m['n_rejected']:,}; model v{m['model_version']}: ROC AUC {auc}, "
-        f"average precision {ap}",
-        highlight=False,
+        f"read {metrics['n_read']:,} rows: evaluated {metrics['n_rows']:,} "
+        f"({metrics['n_positive']:,} backorders), rejected {metrics['n_rejected']:,}; "
+        f"model v{metrics['model_version']}: ROC AUC {_four_places(metrics['roc_auc'], 'n/a')}, "
+        f"average precision {_four_places(metrics['average_precision'], 'n/a')}"
     )
-    out.print(f"report:  {outcome.report}", highlight=False)
-    out.print(f"metrics: {outcome.metrics_file}", highlight=False)
-    out.print(f"rejects: {outcome.rejects_file}", highlight=False)
+    out.print(f"report:  {outcome.report}")
+    out.print(f"metrics: {outcome.metrics_file}")
+    out.print(f"rejects: {outcome.rejects_file}")
+
+
+def _four_places(figure: float | None, missing: str = "–") -> str:
+    return missing if figure is None else f"{figure:.4f}"
 
 
 @app.command()
-def predict(
+def predict(  # noqa: PLR0913, PLR0917
     input: Annotated[
         str,
         typer.Option(
@@ -345,53 +346,63 @@ def predict(
     config: ConfigOption = None,
 ) -> None:
     """Score a batch: every row is scored or written to the rejects with its reason."""
-    from backorder.contract import required_columns
-    from backorder.io import open_input, with_table
-    from backorder.predict import predict_file
-    from backorder.registry import Registry
-
     settings = _settings(config, scoring_base_rate=base_rate)
     bind(batch_id=batch_id)
+    if engine not in ENGINES:
+        _fail(f"--engine {engine}: expected local or dask", 2)
     if engine == "dask":
         from backorder.dask_engine import predict_partitioned
 
         totals = _guard(
             lambda: predict_partitioned(
-                input, output, settings, model, scheduler, workers, batch_id, _say
+                input,
+                output,
+                settings,
+                model_ref=model,
+                scheduler=scheduler,
+                workers=workers,
+                batch_id=batch_id,
             )
         )
         out.print(
             f"read {totals['read']:,} rows in {len(totals['partitions'])} partition(s): scored "
             f"{totals['scored']:,} ({totals['flagged']:,} flagged), rejected "
-            f"{totals['rejected']:,}; model v{totals['model_version']}",
-            highlight=False,
+            f"{totals['rejected']:,}; model v{totals['model_version']}"
         )
-        out.print(f"predictions: {output} (_SUCCESS.json lists every partition)", highlight=False)
+        out.print(f"predictions: {output} (_SUCCESS.json lists every partition)")
         return
-    if engine != "local":
-        _fail(f"--engine {engine}: expected local or dask", 2)
+    from backorder.contract import required_columns
+    from backorder.io import open_input
+    from backorder.predict import predict_file
+    from backorder.registry import Registry
+
     source = with_table(input, input_table)
     target = with_table(output, output_table)
     rejects_target = with_table(rejects or output, rejects_table) if rejects_table else rejects
     # Whole-input problems fail fast, before the slow model load; the input is opened once.
     table = _guard(lambda: open_input(source, block_bytes=settings.read_block_bytes))
     _guard(lambda: table.require(required_columns(False)))
-    loaded = _guard(lambda: Registry(settings).load_for_scoring(model, say=_say))
+    loaded = _guard(lambda: Registry(settings).load_for_scoring(model))
     bind(model_version=loaded.version)
-    engine_used = loaded.scoring_engine
-    _say(f"scoring {source} with model v{loaded.version} ({engine_used} trees)")
+    log.info(f"scoring {source} with model v{loaded.version} ({loaded.scoring_engine} trees)")
     with _reading_progress() as on_chunk:
         summary = _guard(
             lambda: predict_file(
-                table, target, loaded, settings, rejects_target, on_chunk, batch_id
+                table,
+                target,
+                loaded,
+                settings,
+                rejects=rejects_target,
+                on_chunk=on_chunk,
+                batch_id=batch_id,
             )
         )
-    out.print(summary.line(), highlight=False)
+    out.print(summary.line())
     for warning, count in sorted(summary.warnings.items()):
-        err.print(f"warning: {count:,} row(s) with {warning}", highlight=False)
-    out.print(f"batch:       {summary.batch_id}", highlight=False)
-    out.print(f"predictions: {summary.output}", highlight=False)
-    out.print(f"rejects:     {summary.rejects}", highlight=False)
+        log.warning(f"{count:,} row(s) with {warning}")
+    out.print(f"batch:       {summary.batch_id}")
+    out.print(f"predictions: {summary.output}")
+    out.print(f"rejects:     {summary.rejects}")
 
 
 @app.command()
@@ -438,13 +449,12 @@ def drift(
     top = result.features.head(5)
     out.print(
         f"compared {result.current_rows:,} rows with {result.reference_rows:,}; drifted (PSI >= "
-        f"{result.threshold:g}): {', '.join(result.drifted) or 'none'}",
-        highlight=False,
+        f"{result.threshold:g}): {', '.join(result.drifted) or 'none'}"
     )
     for row in top.itertuples():
-        out.print(f"  {row.feature}: PSI {row.psi:.3f}", highlight=False)
-    out.print(f"report:  {output / 'drift_report.html'}", highlight=False)
-    out.print(f"figures: {output / 'drift.json'}, {output / 'drift.prom'}", highlight=False)
+        out.print(f"  {row.feature}: PSI {row.psi:.3f}")
+    out.print(f"report:  {output / 'drift_report.html'}")
+    out.print(f"figures: {output / 'drift.json'}, {output / 'drift.prom'}")
 
 
 RootOption = Annotated[
@@ -474,7 +484,7 @@ def land(
         _fail(f"--kind {kind}: expected {UNSCORED} or {LABELLED}", 2)
     settings = _settings(config, landing_root=root)
     uri = _guard(lambda: Landing(settings.resolved_landing_root).land(input, kind, batch_id))
-    out.print(f"landed: {uri}", highlight=False)
+    out.print(f"landed: {uri}")
 
 
 @app.command()
@@ -484,7 +494,6 @@ def batches(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Show the manifest (what was scored or trained, when, by which model) and what waits."""
-
     from backorder.catalog import (
         LABELLED,
         UNSCORED,
@@ -502,7 +511,7 @@ def batches(
         "labelled": _guard(lambda: pending_training(where)),
     }
     landing = Landing(where)
-    strays = {k: landing.strays(k) for k in (UNSCORED, LABELLED)}
+    strays = {kind: landing.strays(kind) for kind in (UNSCORED, LABELLED)}
     if as_json:
         payload = {
             "root": where,
@@ -512,20 +521,19 @@ def batches(
         }
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
-    out.print(f"landing root: {where}", highlight=False)
+    out.print(f"landing root: {where}")
     if frame.empty:
         out.print("manifest: empty")
     else:
         # Plain text, not a rich table: it must not truncate ids when piped or logged.
-        out.print(frame.to_string(index=False, na_rep="–"), highlight=False)
+        out.print(frame.to_string(index=False, na_rep="–"))
     for kind, ids in waiting.items():
-        out.print(f"waiting ({kind}): {', '.join(ids) or 'none'}", highlight=False)
+        out.print(f"waiting ({kind}): {', '.join(ids) or 'none'}")
     for kind, names in strays.items():
         if names:
-            err.print(
-                f"warning: {kind}/ holds files whose names are not batch ids "
-                f"(YYYYMMDDTHHMMSSZ[_label]): {', '.join(names)}",
-                highlight=False,
+            log.warning(
+                f"{kind}/ holds files whose names are not batch ids "
+                f"(YYYYMMDDTHHMMSSZ[_label]): {', '.join(names)}"
             )
 
 
@@ -535,8 +543,8 @@ def score_pending(root: RootOption = None, config: ConfigOption = None) -> None:
     from backorder.pipelines import score_pending as run
 
     settings = _settings(config, landing_root=root)
-    done = _guard(lambda: run(settings.resolved_landing_root, settings, _say))
-    out.print(f"scored {len(done)} batch(es)", highlight=False)
+    done = _guard(lambda: run(settings.resolved_landing_root, settings))
+    out.print(f"scored {len(done)} batch(es)")
 
 
 @app.command("train-pending")
@@ -545,17 +553,16 @@ def train_pending(root: RootOption = None, config: ConfigOption = None) -> None:
     from backorder.pipelines import train_if_new
 
     settings = _settings(config, landing_root=root)
-    decided = _guard(lambda: train_if_new(settings.resolved_landing_root, settings, _say))
+    decided = _guard(lambda: train_if_new(settings.resolved_landing_root, settings))
     if decided is None:
         out.print("no new labelled batches; nothing trained")
         return
     out.print(
         f"model v{decided['version']} "
         f"({'promoted to champion' if decided['promoted'] else 'kept as challenger'}): "
-        f"{decided['reason']}",
-        highlight=False,
+        f"{decided['reason']}"
     )
-    out.print(f"report: {decided['report']}", highlight=False)
+    out.print(f"report: {decided['report']}")
 
 
 @app.command()
@@ -605,20 +612,16 @@ def models_list(
         "validation AP",
         "threshold",
     )
-    for r in rows:
-        created = datetime.fromtimestamp(r["created"] / 1000, UTC).strftime("%Y-%m-%d %H:%M")
-
-        def f(x: float | None) -> str:
-            return "–" if x is None else f"{x:.4f}"
-
+    for row in rows:
+        created = datetime.fromtimestamp(row["created"] / 1000, UTC).strftime("%Y-%m-%d %H:%M")
         grid.add_row(
-            r["version"],
-            ", ".join(r["aliases"]),
+            row["version"],
+            ", ".join(row["aliases"]),
             created,
-            f(r["holdout_average_precision"]),
-            f(r["holdout_roc_auc"]),
-            f(r["validation_average_precision"]),
-            f(r["threshold"]),
+            _four_places(row["holdout_average_precision"]),
+            _four_places(row["holdout_roc_auc"]),
+            _four_places(row["validation_average_precision"]),
+            _four_places(row["threshold"]),
         )
     out.print(grid)
 

@@ -11,6 +11,7 @@ own predict with one warning; nothing else changes.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import tempfile
@@ -27,6 +28,7 @@ import numpy as np
 MAX_ABS_DIFF = 1e-9
 CHECK_ROWS = 5_000
 _locks: dict[str, threading.Lock] = {}
+log = logging.getLogger(__name__)
 
 
 class CompiledTreesUnavailable(UserWarning):
@@ -56,13 +58,12 @@ class CompiledTrees:
         return np.asarray(self._model.predict(np.ascontiguousarray(X, dtype=np.float64), jobs))
 
 
-def compile_booster(  # noqa: PLR0913, PLR0917 -- five once `say` leaves (logging change)
+def compile_booster(
     booster: Any,
     cache_dir: Path,
     check_rows: np.ndarray | None,
     to_probability: Callable[[np.ndarray], np.ndarray],
     n_jobs: int = 0,
-    say: Callable[[str], None] = lambda _m: None,
 ) -> CompiledTrees | None:
     """Compiled trees for ``booster`` (from the cache when present), or None with a warning.
 
@@ -86,7 +87,7 @@ def compile_booster(  # noqa: PLR0913, PLR0917 -- five once `say` leaves (loggin
             if not fresh:
                 model.compile(cache=str(target), raw_score=True)
             else:
-                say(f"compiling {booster.num_trees()} trees (once; cached in {cache_dir})")
+                log.info(f"compiling {booster.num_trees()} trees (once; cached in {cache_dir})")
                 # Compile to a private name, then rename: a concurrent reader never sees half.
                 partial = cache_dir / f".{key}.{os.getpid()}.tmp.so"
                 model.compile(cache=str(partial), raw_score=True)
@@ -114,5 +115,5 @@ def compile_booster(  # noqa: PLR0913, PLR0917 -- five once `say` leaves (loggin
             )
             return None
     if fresh:
-        say(f"compiled trees ready in {time.perf_counter() - started:.1f} s")
+        log.info(f"compiled trees ready in {time.perf_counter() - started:.1f} s")
     return compiled

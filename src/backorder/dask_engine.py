@@ -14,9 +14,10 @@ registry (``tracking_uri``) and storage (S3 or a shared file system) as the driv
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ import fsspec.core
 from backorder.config import Settings
 from backorder.errors import BackorderError, InputFileError
 from backorder.io import is_remote, table_suffix, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 _models: dict[tuple[str, str, bool], Any] = {}  # per worker process: loaded once, reused
 
@@ -117,15 +120,15 @@ def dask_client(scheduler: str | None, workers: int) -> Iterator[Any]:
         yield client
 
 
-def predict_partitioned(  # noqa: PLR0913, PLR0917 -- cli.py calls it positionally; its regrouping goes with the cli.py rework
+def predict_partitioned(  # noqa: PLR0913 -- one run's input, outputs, model and options; the options keyword-only
     input_uri: str,
     output_uri: str,
     settings: Settings,
+    *,
     model_ref: str = "champion",
     scheduler: str | None = None,
     workers: int = 2,
     batch_id: str | None = None,
-    say: Callable[[str], None] = lambda _m: None,
 ) -> dict[str, Any]:
     """Score every partition in parallel on Dask; return the reconciled totals."""
     from backorder.predict import new_batch_id
@@ -137,8 +140,8 @@ def predict_partitioned(  # noqa: PLR0913, PLR0917 -- cli.py calls it positional
     # champion is promoted mid-run; compile (and cache) it here once rather than per worker.
     registry = Registry(settings)
     version = registry.resolve(model_ref)
-    loaded = registry.load_for_scoring(version, say=say)
-    say(f"scoring {len(files)} partition(s) with model v{loaded.version} on Dask")
+    loaded = registry.load_for_scoring(version)
+    log.info(f"scoring {len(files)} partition(s) with model v{loaded.version} on Dask")
     settings_json = settings.model_dump_json()
     results: list[dict[str, Any]] = []
     failures: list[str] = []
@@ -165,7 +168,7 @@ def predict_partitioned(  # noqa: PLR0913, PLR0917 -- cli.py calls it positional
                 failures.append(str(exc))
                 continue
             results.append(result)
-            say(
+            log.info(
                 f"{result['partition']}: scored {result['scored']:,}, "
                 f"rejected {result['rejected']:,} in {result['seconds']:.1f} s"
             )
@@ -233,13 +236,13 @@ def prepare_partition(partition: str, settings_json: str, sample_rows: int) -> d
     }
 
 
-def train_partitioned(  # noqa: PLR0913, PLR0917 -- cli.py calls it positionally; its regrouping goes with the cli.py rework
+def train_partitioned(  # noqa: PLR0913 -- one run's input, outputs, model and options; the options keyword-only
     input_uri: str,
     settings: Settings,
+    *,
     output_dir: Path | None = None,
     scheduler: str | None = None,
     workers: int = 2,
-    say: Callable[[str], None] = lambda _m: None,
     apply_promotion: bool = True,
 ) -> Any:
     """Train on a partitioned labelled dataset with ``lightgbm.dask``; register like ``train``.
@@ -262,12 +265,12 @@ def train_partitioned(  # noqa: PLR0913, PLR0917 -- cli.py calls it positionally
     started = datetime.now(UTC)
     output_dir = output_dir or settings.home / "runs" / f"train-{started:%Y%m%dT%H%M%SZ}"
     files = partitions(input_uri)
-    say(f"training on {len(files)} partition(s) with lightgbm.dask")
+    log.info(f"training on {len(files)} partition(s) with lightgbm.dask")
     with dask_client(scheduler, workers) as client:
         prepared, small = _prepare_partitions(client, files, settings)
         for part in small:
             src = part["source"]
-            say(
+            log.info(
                 f"{src.uri}: read {src.read:,}, accepted {src.accepted:,}, "
                 f"rejected {src.rejected:,}"
             )
@@ -288,8 +291,8 @@ def train_partitioned(  # noqa: PLR0913, PLR0917 -- cli.py calls it positionally
         features, clf = pipeline[0], pipeline[-1]
         features.fit(sample)
         n_trees = _trees_by_early_stopping(clf, features.transform(sample), sample, settings)
-        say(f"early stopping on a {len(sample):,}-row sample: {n_trees} trees")
-        say(f"fitting {n_trees} trees on {n_train:,} rows across the cluster")
+        log.info(f"early stopping on a {len(sample):,}-row sample: {n_trees} trees")
+        log.info(f"fitting {n_trees} trees on {n_train:,} rows across the cluster")
         booster = _fit_on_cluster(client, prepared, clf, n_trees, features.feature_names_out_)
 
     # Calibrate on rows the booster never saw, as the local engine does on out-of-fold rows.
@@ -298,7 +301,7 @@ def train_partitioned(  # noqa: PLR0913, PLR0917 -- cli.py calls it positionally
         booster, n_trees, features.transform(calibration), y_cal, positives / n_train
     )
     fit_seconds = time.perf_counter() - fit_started
-    say(f"fitted in {fit_seconds:.1f} s; threshold {clf.decision_threshold_:.4f}")
+    log.info(f"fitted in {fit_seconds:.1f} s; threshold {clf.decision_threshold_:.4f}")
 
     return register_trained(
         Fitted(
@@ -327,7 +330,6 @@ def train_partitioned(  # noqa: PLR0913, PLR0917 -- cli.py calls it positionally
             started=started,
             output_dir=output_dir,
         ),
-        say=say,
         apply_promotion=apply_promotion,
     )
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from backorder.metrics import Costs, evaluate_predictions
 from backorder.registry import CHAMPION, Registry
 from backorder.report import evaluation_sections, render, table
 
-Say = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,17 +28,16 @@ class EvaluationOutcome:
     rejects_file: Path
 
 
-def run_evaluation(  # noqa: PLR0913, PLR0917 -- five once `say` leaves (logging change)
+def run_evaluation(
     uris: Sequence[str | Path],
     output_dir: Path,
     settings: Settings,
     model_ref: str = CHAMPION,
-    say: Say = lambda _msg: None,
     on_chunk: ChunkProgress | None = None,
 ) -> EvaluationOutcome:
     check_inputs(uris, require_label=True, block_bytes=settings.read_block_bytes)
     model = Registry(settings).load(model_ref, base_rate=settings.scoring_base_rate)
-    say(f"evaluating model v{model.version}")
+    log.info(f"evaluating model v{model.version}")
     data = load_labelled(uris, settings.read_block_bytes, on_chunk=on_chunk)
     rows = data.rows
     probability = model.probability(rows)

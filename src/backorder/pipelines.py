@@ -351,10 +351,10 @@ def _now() -> str:
 
 
 # -- whole runs, without a scheduler ---------------------------------------------------------------
-def score_pending(root: str, settings: Settings, say: Any = print) -> list[dict[str, Any]]:
+def score_pending(root: str, settings: Settings) -> list[dict[str, Any]]:
     """What the daily DAG does, in one process: every pending batch, oldest first.
 
-    A batch that fails (bad file, drift block) is reported and the others still run; the
+    A batch that fails (bad file, drift block) is logged and the others still run; the
     function raises at the end if any failed, so a scheduler sees the failure.
     """
     done, failed = [], []
@@ -366,10 +366,10 @@ def score_pending(root: str, settings: Settings, say: Any = print) -> list[dict[
                 scored = score_batch(root, batch, settings)
                 record_scoring(root, scored, settings, drift)
             except BackorderError as exc:
-                say(f"batch {batch}: {exc}")
+                log.info(f"batch {batch}: {exc}")
                 failed.append(batch)
                 continue
-            say(
+            log.info(
                 f"batch {batch}: scored {scored['scored']:,}, rejected {scored['rejected']:,}, "
                 f"flagged {scored['flagged']:,} -> {scored['predictions']}"
             )
@@ -379,11 +379,11 @@ def score_pending(root: str, settings: Settings, say: Any = print) -> list[dict[
     return done
 
 
-def train_if_new(root: str, settings: Settings, say: Any = print) -> dict[str, Any] | None:
+def train_if_new(root: str, settings: Settings) -> dict[str, Any] | None:
     """What the weekly DAG does, in one process; None when no new labelled batch arrived."""
     new = pending_training(root)
     if not new:
-        say("no new labelled batches: nothing to train on")
+        log.info("no new labelled batches: nothing to train on")
         return None
     for batch in new:
         validate_batch(root, batch, settings, kind=LABELLED)
@@ -391,5 +391,5 @@ def train_if_new(root: str, settings: Settings, say: Any = print) -> dict[str, A
     trained = train_on_landing(root, settings, new)
     decided = promote_or_keep(settings, trained)
     record_training(root, decided, settings, drift)
-    say(f"model v{decided['version']}: {decided['reason']}")
+    log.info(f"model v{decided['version']}: {decided['reason']}")
     return decided

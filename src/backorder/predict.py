@@ -198,11 +198,12 @@ def _check_output(uri: str) -> None:
         table_format(uri)
 
 
-def predict_file(  # noqa: PLR0913, PLR0917 -- cli.py calls it positionally; its regrouping goes with the cli.py rework
+def predict_file(  # noqa: PLR0913 -- one run's input, outputs, model and options; the options keyword-only
     source: str | Path | Source,
     output: str | Path,
     model: LoadedModel,
     settings: Settings,
+    *,
     rejects: str | Path | None = None,
     on_chunk: ChunkProgress | None = None,
     batch_id: str | None = None,

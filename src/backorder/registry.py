@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,7 +163,6 @@ class Registry:
         base_rate: float | None = None,
         with_reference: bool = False,
         compiled: bool = False,
-        say: Callable[[str], None] = lambda _m: None,
     ) -> LoadedModel:
         """Download a version's artifact and rebuild its fitted pipeline.
 
@@ -191,25 +189,21 @@ class Registry:
         return LoadedModel(
             pipeline=pipeline,
             base_rate=base_rate,
-            compiled=self._compiled_trees(scorer, reference, say) if compiled else None,
+            compiled=self._compiled_trees(scorer, reference) if compiled else None,
             version=version,
             metadata=metadata,
             aliases=list(mv.aliases),
             reference=reference if with_reference else None,
         )
 
-    def load_for_scoring(
-        self, ref: str = CHAMPION, say: Callable[[str], None] = lambda _m: None
-    ) -> LoadedModel:
+    def load_for_scoring(self, ref: str = CHAMPION) -> LoadedModel:
         """``load`` as everything that scores does: at the configured scoring base rate, with
         compiled trees when the settings ask for them."""
         return self.load(
-            ref, self.settings.scoring_base_rate, compiled=self.settings.compiled_trees, say=say
+            ref, self.settings.scoring_base_rate, compiled=self.settings.compiled_trees
         )
 
-    def _compiled_trees(
-        self, scorer: Scorer, reference: pd.DataFrame | None, say: Callable[[str], None]
-    ) -> Any:
+    def _compiled_trees(self, scorer: Scorer, reference: pd.DataFrame | None) -> Any:
         from backorder.compiled import compile_booster
 
         if reference is not None:
@@ -223,7 +217,6 @@ class Registry:
             check,
             scorer.probability_from_raw,
             n_jobs=self.settings.lightgbm.n_jobs,
-            say=say,
         )
 
     def champion_version(self) -> str | None:

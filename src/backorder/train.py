@@ -9,8 +9,9 @@ champion only if it beats the current champion on the same holdout rows.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +38,7 @@ from backorder.report import evaluation_sections, render, table
 
 HASH_BUCKETS = 10_000
 
-Say = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 
 def hash_slices(hashes: np.ndarray, *fractions: float) -> np.ndarray:
@@ -130,11 +131,10 @@ def _evaluate(
     )
 
 
-def run_training(  # noqa: PLR0913, PLR0917 -- five once `say` leaves (logging change)
+def run_training(
     uris: Sequence[str | Path],
     settings: Settings,
     output_dir: Path | None = None,
-    say: Say = lambda _msg: None,
     on_chunk: ChunkProgress | None = None,
     apply_promotion: bool = True,
 ) -> TrainingOutcome:
@@ -146,10 +146,10 @@ def run_training(  # noqa: PLR0913, PLR0917 -- five once `say` leaves (logging c
     started = datetime.now(UTC)
     output_dir = output_dir or settings.home / "runs" / f"train-{started:%Y%m%dT%H%M%SZ}"
     check_inputs(uris, require_label=True, block_bytes=settings.read_block_bytes)
-    say(f"reading {len(uris)} labelled input(s)")
+    log.info(f"reading {len(uris)} labelled input(s)")
     data = load_labelled(uris, settings.read_block_bytes, on_chunk=on_chunk)
     for s in data.sources:
-        say(
+        log.info(
             f"{s.uri}: read {s.read:,}, accepted {s.accepted:,}, rejected {s.rejected:,}"
             + (
                 f", dropped {s.duplicates_dropped:,} repeated from earlier inputs"
@@ -163,7 +163,7 @@ def run_training(  # noqa: PLR0913, PLR0917 -- five once `say` leaves (logging c
     in_holdout = holdout_mask(rows, settings.holdout_fraction)
     train_rows, holdout_rows = rows.loc[~in_holdout], rows.loc[in_holdout]
     y_train, y_holdout = y[~in_holdout], y[in_holdout]
-    say(
+    log.info(
         f"training on {len(train_rows):,} rows ({int(y_train.sum()):,} backorders); "
         f"promotion holdout {len(holdout_rows):,} rows ({int(y_holdout.sum()):,} backorders)"
     )
@@ -173,7 +173,7 @@ def run_training(  # noqa: PLR0913, PLR0917 -- five once `say` leaves (logging c
     pipeline.fit(train_rows, y_train)
     fit_seconds = time.perf_counter() - fit_started
     clf = Scorer(pipeline).classifier
-    say(f"fitted in {fit_seconds:.1f} s; threshold {clf.decision_threshold_:.4f}")
+    log.info(f"fitted in {fit_seconds:.1f} s; threshold {clf.decision_threshold_:.4f}")
     return register_trained(
         Fitted(pipeline, fit_seconds, train_rows, y_train, clf.oof_probability_),
         settings,
@@ -185,7 +185,6 @@ def run_training(  # noqa: PLR0913, PLR0917 -- five once `say` leaves (logging c
             started=started,
             output_dir=output_dir,
         ),
-        say=say,
         apply_promotion=apply_promotion,
     )
 
@@ -242,7 +241,6 @@ def register_trained(
     fitted: Fitted,
     settings: Settings,
     run: TrainingRun,
-    say: Say = lambda _msg: None,
     apply_promotion: bool = True,
 ) -> TrainingOutcome:
     """Evaluate a fitted pipeline, compare it with the champion on the holdout, log it to
@@ -263,7 +261,7 @@ def register_trained(
     registry.set_challenger(version)
     if decision.promoted and apply_promotion:
         registry.promote(version)
-    say(f"registered model version {version}; {decision.reason}")
+    log.info(f"registered model version {version}; {decision.reason}")
     return TrainingOutcome(
         version=version,
         run_id=run_id,

@@ -315,7 +315,7 @@ def pipelines_catalog(settings: Settings, tmp_path: Path) -> Catalog:
         pushing = settings.model_copy(update={"pushgateway_url": gateway.url})
         root = str(tmp_path / "landing")
         Landing(root).land(SAMPLE / "new_batch.csv.gz", UNSCORED, "20261102T000000Z")
-        [scored] = score_pending(root, pushing, say=lambda _line: None)
+        [scored] = score_pending(root, pushing)
         assert scored["read"] == scored["scored"] + scored["rejected"]
         record_training(root, {"run": "20261101T000000Z", "promoted": True}, pushing)
         catalog = scrape(get(f"{gateway.url}/metrics"))

@@ -76,7 +76,7 @@ class ModelHolder:
                 return False
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", CompiledTreesUnavailable)
-                model = registry.load_for_scoring(version, say=log.info)
+                model = registry.load_for_scoring(version)
             for warning in caught:
                 log.warning(str(warning.message), extra={"model_version": version})
             warm = records_frame([SkuRecord(**FORM_DEFAULTS)])

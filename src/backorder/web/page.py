@@ -83,7 +83,7 @@ def upload(
         source.write_bytes(file.file.read())
         out = Path(tmp) / "predictions.csv"
         try:
-            summary = predict_file(source, out, model, settings, Path(tmp) / "rejects.csv")
+            summary = predict_file(source, out, model, settings, rejects=Path(tmp) / "rejects.csv")
         except BackorderError as exc:
             metrics.rejected.labels("upload").inc()
             message = str(exc).replace(str(source), name)  # not the server's temp path
