@@ -57,3 +57,39 @@ def test_backorder_modules_import_each_other_without_a_cycle() -> None:
 def test_only_the_io_seam_imports_databases() -> None:
     importers = {m for m, imported in import_graph().items() if "backorder.databases" in imported}
     assert importers <= MAY_IMPORT_DATABASES, "import these from backorder.io instead"
+
+
+# The fitted pipeline is used through model.Scorer / LoadedModel, never taken apart by hand.
+PIPELINE_SURGERY = ("steps[0]", "steps[-1]", "classifier_of(")
+PRIVATE_CLASSIFIER = ("._fit_booster", "._lgb_params", "._set_fitted", "._path_cache")
+
+
+def _sources(root: Path, skip: str) -> list[tuple[Path, str]]:
+    return [
+        (p, p.read_text(encoding="utf-8")) for p in sorted(root.rglob("*.py")) if p.name != skip
+    ]
+
+
+@pytest.mark.parametrize("needle", PIPELINE_SURGERY + PRIVATE_CLASSIFIER)
+def test_no_code_outside_model_takes_the_pipeline_apart(needle: str) -> None:
+    roots = [PACKAGE, PACKAGE.parents[1] / "bench", PACKAGE.parents[1] / "dags"]
+    found = [
+        f"{path.name}:{number}"
+        for root in roots
+        for path, text in _sources(root, skip="model.py")
+        for number, line in enumerate(text.splitlines(), 1)
+        if needle in line
+    ]
+    assert not found, f"{needle!r} outside model.py: {found}"
+
+
+def test_no_prometheus_text_is_written_by_hand() -> None:
+    """Exposition lines (``# TYPE``/``# HELP``) come from prometheus_client, which escapes
+    label values; none are spelled out in the package."""
+    found = [
+        f"{path.name}:{number}"
+        for path, text in _sources(PACKAGE, skip="")
+        for number, line in enumerate(text.splitlines(), 1)
+        if "# TYPE " in line or "# HELP " in line
+    ]
+    assert not found, found
