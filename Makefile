@@ -38,7 +38,7 @@ serve: setup
 	$(BIN)/backorder serve
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 lint: setup
 	$(BIN)/ruff check src tests bench scripts dags deploy
