@@ -3,7 +3,7 @@
 
 Routers get what they need from ``app.state`` through the dependencies in ``deps``. A guard
 for a whole router (sign-in, a role) goes where the router is included, e.g.
-``app.include_router(api.router, dependencies=[Depends(...)])``.
+``app.include_router(api_router, dependencies=[Depends(...)])``.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from backorder.config import Settings
 from backorder.errors import ModelNotFoundError
 from backorder.logs import configure_json, json_log_config
 from backorder.registry import Registry
-from backorder.web import api, ops, page
+from backorder.web.api import router as api_router
 from backorder.web.holder import ModelHolder
 from backorder.web.metrics import Metrics
 from backorder.web.middleware import BodyLimit, Observe
+from backorder.web.ops import router as ops_router
+from backorder.web.page import router as page_router
 
 log = logging.getLogger("backorder.serve")
 
@@ -46,9 +48,9 @@ def create_app(settings: Settings, model_ref: str = "champion") -> FastAPI:
     app.state.metrics = metrics
     # Starlette types a handler as taking any Exception; this one is only given its own.
     app.add_exception_handler(RequestValidationError, invalid_request)  # type: ignore[arg-type]
-    app.include_router(api.router)
-    app.include_router(ops.router)
-    app.include_router(page.router)
+    app.include_router(api_router)
+    app.include_router(ops_router)
+    app.include_router(page_router)
     return app
 
 
