@@ -21,6 +21,11 @@ from pydantic_settings import (
 
 from backorder.errors import ConfigError
 
+# Who may do what on the server. viewer < planner < admin; `metrics` may only read /metrics
+# (the key Prometheus scrapes with).
+Role = Literal["viewer", "planner", "admin", "metrics"]
+ROLES: tuple[Role, ...] = ("viewer", "planner", "admin", "metrics")
+
 
 class LightGBMSettings(BaseModel):
     """Booster hyper-parameters; the number of trees is found by early stopping.
@@ -202,6 +207,77 @@ class Settings(BaseSettings):
             "(a fresh stack); otherwise a missing model stops it at start-up."
         ),
     )
+    state_url: str | None = Field(
+        None,
+        description=(
+            "SQLAlchemy URL of the product's own state store (API keys, sign-in sessions, the "
+            "planner's records); default: SQLite at HOME/state.db."
+        ),
+    )
+    auth: Literal["keys", "proxy", "none"] = Field(
+        "keys",
+        description=(
+            "Who the server answers: 'keys' (API keys from `backorder keys`, and a sign-in page), "
+            "'proxy' (identity headers from a single-sign-on proxy in trusted_proxies) or 'none' "
+            "(anyone; only allowed while listening on loopback)."
+        ),
+    )
+    session_hours: float = Field(
+        12.0, gt=0, description="Lifetime of a page sign-in session, in hours."
+    )
+    rate_limit_per_minute: int = Field(
+        600,
+        ge=0,
+        description=(
+            "Requests a key (or, unauthenticated, an address) may make per minute; over it: 429. "
+            "0 = no limit."
+        ),
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1/32", "::1/128"],
+        description=(
+            "Addresses or networks (CIDR) whose identity and X-Forwarded-Proto headers are "
+            "believed; from anywhere else they are ignored."
+        ),
+    )
+    proxy_user_header: str = Field(
+        "X-Forwarded-Email", description="auth: proxy — header naming the signed-in person."
+    )
+    proxy_groups_header: str = Field(
+        "X-Forwarded-Groups",
+        description="auth: proxy — header listing their groups (comma-separated).",
+    )
+    proxy_group_roles: dict[str, Role] = Field(
+        default_factory=dict,
+        description=(
+            "auth: proxy — group name to role, e.g. {planning: planner}; a person gets the "
+            "highest role of their groups, and 403 with none."
+        ),
+    )
+    trusted_hosts: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1", "localhost", "::1", "[::1]"],
+        description=(
+            "Host headers the server answers (DNS-rebinding guard); add the names clients use, "
+            "e.g. backorder.example.com. '*' = any."
+        ),
+    )
+    api_docs: bool = Field(
+        True, description="Serve the interactive API docs at /docs and the schema at /openapi.json."
+    )
+    upload_max_bytes: int = Field(
+        256 << 20,
+        ge=1 << 10,
+        description="Largest upload after decompression, in bytes; checked while reading (413).",
+    )
+    upload_max_rows: int = Field(
+        1_000_000, ge=1, description="Most rows an upload may hold; checked while reading (413)."
+    )
+    upload_concurrency: int = Field(
+        2, ge=1, description="Uploads scored at once; more get 429 with Retry-After."
+    )
+    upload_timeout_seconds: float = Field(
+        300.0, gt=0, description="Time limit for scoring one upload."
+    )
     read_block_bytes: int = Field(
         8 << 20, ge=1 << 16, description="CSV bytes parsed per chunk when streaming."
     )
@@ -234,6 +310,10 @@ class Settings(BaseSettings):
         if os.environ.get("MLFLOW_TRACKING_URI"):
             return os.environ["MLFLOW_TRACKING_URI"]
         return f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
+
+    @property
+    def resolved_state_url(self) -> str:
+        return self.state_url or f"sqlite:///{(self.home / 'state.db').resolve()}"
 
     @property
     def resolved_landing_root(self) -> str:
