@@ -24,13 +24,14 @@ from backorder.contract import FEATURE_COLUMNS, FLAG_COLUMNS, validate_chunk
 from backorder.logs import JsonFormatter
 from backorder.predict import score_rows
 from backorder.registry import Registry
-from backorder.web import FORM_DEFAULTS, create_app
+from backorder.web import FORM_DEFAULTS
 from tests.conftest import SAMPLE, make_settings
+from tests.support.keys import signed_in_client
 
 
 @pytest.fixture
 def client(trained_settings: Settings) -> Any:
-    with TestClient(create_app(trained_settings)) as test_client:
+    with signed_in_client(trained_settings) as test_client:
         yield test_client
 
 
@@ -239,7 +240,7 @@ def test_new_champion_is_picked_up_while_requests_are_in_flight(tmp_path: Path) 
     stop = threading.Event()
     records = {"records": sample_records(5)}
 
-    with TestClient(create_app(settings)) as test_client:
+    with signed_in_client(settings) as test_client:
 
         def hammer() -> None:
             while not stop.is_set():
@@ -275,10 +276,10 @@ def test_a_fresh_stack_waits_for_the_first_champion(tmp_path: Path) -> None:
     from backorder.train import run_training
 
     empty = make_settings(tmp_path / "home")
-    with pytest.raises(ModelNotFoundError), TestClient(create_app(empty)):
+    with pytest.raises(ModelNotFoundError), signed_in_client(empty):
         pass  # by default a missing model stops the server at start-up
     waiting = make_settings(tmp_path / "home", serve_wait_for_model=True, serve_reload_seconds=0.2)
-    with TestClient(create_app(waiting)) as client:
+    with signed_in_client(waiting) as client:
         assert client.get("/readyz").status_code == 503
         assert client.post("/v1/predict", json={"records": sample_records(1)}).status_code == 503
         run_training([SAMPLE / "labelled.csv.gz"], waiting, tmp_path / "training")

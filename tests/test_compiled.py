@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from fastapi.testclient import TestClient
 
 from backorder.api_schema import SkuRecord, records_frame
 from backorder.compiled import CompiledTreesUnavailable
@@ -19,8 +18,9 @@ from backorder.config import Settings
 from backorder.data import load_rows
 from backorder.predict import predict_file
 from backorder.registry import Registry
-from backorder.web import FORM_DEFAULTS, create_app
+from backorder.web import FORM_DEFAULTS
 from tests.conftest import SAMPLE, run_cli
+from tests.support.keys import signed_in_client
 
 
 def _rows() -> pd.DataFrame:
@@ -94,7 +94,7 @@ def test_cli_fallback_is_one_warning_line(trained_settings: Settings, tmp_path: 
 
 
 def test_web_app_scores_with_compiled_trees(trained_settings: Settings) -> None:
-    with TestClient(create_app(trained_settings)) as client:
+    with signed_in_client(trained_settings) as client:
         info = client.get("/v1/model").json()
         assert info["scoring_engine"] == "compiled"
         answer = client.post("/v1/predict", json={"records": [FORM_DEFAULTS]})

@@ -28,11 +28,11 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from backorder.config import Settings
 from tests.conftest import ROOT, SAMPLE
+from tests.support.keys import bearer, make_key, signed_in_client
 from tests.support.servers import HOST, _kill, free_port, launch, running, serving
 
 DEPLOY = ROOT / "deploy"
@@ -275,9 +275,9 @@ def get(url: str, timeout: float = 5) -> str:
 
 
 def app_catalog(settings: Settings) -> Catalog:
-    from backorder.web import FORM_DEFAULTS, create_app
+    from backorder.web import FORM_DEFAULTS
 
-    with TestClient(create_app(settings)) as client:
+    with signed_in_client(settings) as client:
         ok = client.post("/v1/predict", json={"records": [{"sku": "1", **FORM_DEFAULTS}]})
         assert ok.status_code == 200, ok.text
         refused = client.post("/v1/predict", json={"records": [{**FORM_DEFAULTS, "lead_time": -1}]})
@@ -518,27 +518,35 @@ def test_log_panels_select_streams_promtail_makes() -> None:
 
 # -- a real Prometheus scraping a real app ------------------------------------------------------
 @pytest.fixture(scope="module")
-def app_server(trained_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`backorder serve` as a real process on a free loopback port (its own copy of the
-    session's registry, since serving writes the compiled-trees cache into the home)."""
-    tmp = tmp_path_factory.mktemp("serve")
-    home = tmp / "home"
+def app_home(trained_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Its own copy of the session's registry (serving writes the compiled-trees cache)."""
+    home = tmp_path_factory.mktemp("serve") / "home"
     shutil.copytree(trained_home, home)
-    with serving(home, tmp / "serve.log") as url:
+    return home
+
+
+@pytest.fixture(scope="module")
+def app_server(app_home: Path) -> Iterator[str]:
+    """`backorder serve` as a real process on a free loopback port."""
+    with serving(app_home, app_home.parent / "serve.log") as url:
         yield url
 
 
 @pytest.fixture
-def prometheus(app_server: str, tmp_path: Path) -> Iterator[str]:
+def prometheus(app_server: str, app_home: Path, tmp_path: Path) -> Iterator[str]:
     if PROMETHEUS is None:
         pytest.skip(f"prometheus is not installed ({APT_HINT})")
     port = free_port()
+    # Prometheus scrapes with a key of role `metrics`, read from a file, as in the compose stack.
+    credentials = tmp_path / "metrics.key"
+    credentials.write_text(make_key(app_home, "metrics") + "\n")
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(PROMETHEUS_DIR / "alerts.yml")],
         "scrape_configs": [
             {
                 "job_name": "backorder-app",
+                "authorization": {"credentials_file": str(credentials)},
                 "static_configs": [{"targets": [urllib.parse.urlsplit(app_server).netloc]}],
             }
         ],
@@ -578,16 +586,17 @@ def poll(what: str, check: Any, timeout: float = 30) -> Any:
 
 
 def test_prometheus_scrapes_the_app_and_loads_the_alert_rules(
-    app_server: str, prometheus: str
+    app_server: str, app_home: Path, prometheus: str
 ) -> None:
     from backorder.web import FORM_DEFAULTS
 
+    viewer = make_key(app_home, "viewer")
     predictions = 3
     for i in range(predictions):
         response = httpx.post(
             f"{app_server}/v1/predict",
             json={"records": [{"sku": str(i), **FORM_DEFAULTS}]},
-            headers={"X-Request-ID": f"observability-{i}"},
+            headers={"X-Request-ID": f"observability-{i}", **bearer(viewer)},
             timeout=10,
         )
         assert response.status_code == 200, response.text

@@ -12,20 +12,22 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from backorder.config import Settings
-from backorder.errors import ModelNotFoundError
+from backorder.errors import ConfigError, ModelNotFoundError
 from backorder.logs import configure_json, json_log_config
 from backorder.registry import Registry
 from backorder.web.api import router as api_router
+from backorder.web.auth import Directory, Identify, TrustedProxies, is_loopback, require
 from backorder.web.holder import ModelHolder
 from backorder.web.metrics import Metrics
 from backorder.web.middleware import BodyLimit, Observe
 from backorder.web.ops import router as ops_router
 from backorder.web.page import router as page_router
+from backorder.web.signin import router as signin_router
 
 log = logging.getLogger("backorder.serve")
 
@@ -39,18 +41,29 @@ def create_app(settings: Settings, model_ref: str = "champion") -> FastAPI:
         description="Which SKUs are about to go on backorder, how likely that is, and why.",
         lifespan=lifespan,
     )
+    directory = None
+    if settings.auth != "none":
+        from backorder.state import StateStore  # SQLAlchemy: only when keys are in play
+
+        directory = Directory(StateStore(settings.resolved_state_url))
     app.add_middleware(BodyLimit)
+    # Before the body is read: an unidentified or too-frequent caller costs next to nothing.
+    app.add_middleware(Identify, settings=settings, directory=directory)
     # Outermost, so refusals are counted and logged too. Plain ASGI: Starlette's
     # BaseHTTPMiddleware costs about a millisecond a request.
     app.add_middleware(Observe, metrics=metrics, holder=holder)
     app.state.settings = settings
     app.state.holder = holder
     app.state.metrics = metrics
+    app.state.directory = directory
+    app.state.trusted_proxies = TrustedProxies(settings.trusted_proxies)
     # Starlette types a handler as taking any Exception; this one is only given its own.
     app.add_exception_handler(RequestValidationError, invalid_request)  # type: ignore[arg-type]
-    app.include_router(api_router)
-    app.include_router(ops_router)
-    app.include_router(page_router)
+    viewer = [Depends(require("viewer"))]
+    app.include_router(api_router, dependencies=viewer)
+    app.include_router(ops_router)  # health checks are open; /metrics says its own role
+    app.include_router(page_router, dependencies=viewer)
+    app.include_router(signin_router)
     return app
 
 
@@ -58,6 +71,10 @@ def create_app(settings: Settings, model_ref: str = "champion") -> FastAPI:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     holder: ModelHolder = app.state.holder
+    directory: Directory | None = app.state.directory
+    if directory is not None:
+        directory.store.migrate()
+        directory.start()
     try:
         holder.refresh()  # fail at start-up, loudly, rather than serve 503s forever
     except ModelNotFoundError as exc:
@@ -67,6 +84,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     holder.start_watching(settings.serve_reload_seconds)
     yield
     holder.stop()
+    if directory is not None:
+        directory.stop()
 
 
 async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -82,9 +101,43 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
 def serve(settings: Settings, host: str, port: int, model_ref: str) -> None:
     import uvicorn  # only the serving process needs the server
 
+    if settings.auth == "none" and not is_loopback(host):
+        raise ConfigError(
+            f"auth: none is only allowed on loopback, not --host {host}; "
+            "use auth: keys (the default) or proxy"
+        )
     configure_json()
+    if settings.auth == "keys" and is_loopback(host):
+        _welcome(settings, f"http://{host}:{port}")
     if not settings.serve_wait_for_model:
         # A missing model is a one-line error here, not a traceback from the server's start-up.
         Registry(settings).resolve(model_ref)
     app = create_app(settings, model_ref)
     uvicorn.run(app, host=host, port=port, log_config=json_log_config(), access_log=False)
+
+
+def _welcome(settings: Settings, url: str) -> None:
+    """Tell the person at the terminal how to get in; the first time, make them a key.
+
+    The first time, plain text on stdout (the logs are JSON on stderr). Only on loopback: a
+    shared server's keys are made on purpose, with ``backorder keys create``.
+    """
+    from backorder.state import StateStore
+
+    store = StateStore.open(settings)
+    try:
+        if store.keys():
+            log.info(
+                "sign in with an API key (new ones: backorder keys create NAME --role planner)",
+                extra={"url": url},
+            )
+            return
+        token = store.create_key("local-admin", "admin")
+    finally:
+        store.dispose()
+    print(
+        f"No API keys yet, so this made an admin key named 'local-admin'. "
+        f"Open {url} and sign in with:",
+        flush=True,
+    )
+    print(token, flush=True)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from backorder.api_schema import SkuRecord, records_frame
 from backorder.predict import score_with_reasons
+from backorder.web.auth import require
 from backorder.web.deps import HolderDep, MetricsDep, SettingsDep
 from backorder.web.holder import FORM_DEFAULTS
 
@@ -36,6 +37,7 @@ def readyz(holder: HolderDep, settings: SettingsDep) -> JSONResponse:
     return JSONResponse({"status": "ready", "model_version": model.version})
 
 
-@router.get("/metrics")
+# Prometheus scrapes with a key of role `metrics` (or admin), sent from a credentials file.
+@router.get("/metrics", dependencies=[Depends(require("metrics"))])
 def prometheus_metrics(metrics: MetricsDep) -> Response:
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Request, UploadFile
 from fastapi.responses import HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
@@ -21,6 +21,14 @@ from backorder.contract import COLUMNS, FEATURE_COLUMNS, SKU
 from backorder.errors import BackorderError
 from backorder.explain import PLANNER_LABELS
 from backorder.predict import predict_file, score_with_reasons
+from backorder.web.auth import (
+    allows,
+    came_over_tls,
+    new_csrf_token,
+    principal_of,
+    require,
+    set_csrf_cookie,
+)
 from backorder.web.deps import HolderDep, MetricsDep, SettingsDep
 from backorder.web.holder import FORM_DEFAULTS, ModelHolder
 from backorder.web.middleware import UPLOAD_LIMIT
@@ -34,13 +42,29 @@ def render(
     request: Request, holder: ModelHolder, context: dict[str, Any], status: int = 200
 ) -> HTMLResponse:
     model = holder.current
+    principal = principal_of(request)
+    # Cookie-authenticated forms need a CSRF token: the session's, or (auth none/proxy) a
+    # double-submit cookie set here the first time.
+    csrf = principal.csrf_token if principal else None
+    fresh_csrf = principal is not None and principal.via in ("none", "proxy") and not csrf
+    if fresh_csrf:
+        csrf = new_csrf_token()
     base = {
         "fields": _form_fields(context.get("values") or FORM_DEFAULTS),
         "model_version": model.version if model else None,
         "threshold": model.threshold if model else None,
         "upload_limit_mb": UPLOAD_LIMIT >> 20,
+        "principal": principal,
+        "csrf_token": csrf,
+        "can_upload": principal is not None and allows(principal.role, "planner"),
+        "can_sign_out": principal is not None and principal.via == "session",
     }
-    return templates.TemplateResponse(request, "index.html", base | context, status_code=status)
+    response = templates.TemplateResponse(request, "index.html", base | context, status_code=status)
+    if fresh_csrf and csrf:
+        set_csrf_cookie(
+            response, csrf, tls=came_over_tls(request.scope, request.app.state.trusted_proxies)
+        )
+    return response
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -68,7 +92,7 @@ async def page_predict(
     return render(request, holder, {"values": values, "result": result, "previous": previous})
 
 
-@router.post("/upload", include_in_schema=False)
+@router.post("/upload", include_in_schema=False, dependencies=[Depends(require("planner"))])
 def upload(
     request: Request,
     file: Annotated[UploadFile, File()],
