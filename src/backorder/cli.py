@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar, cast
 
 import typer
 from rich.console import Console
@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from backorder.config import Settings, load_settings
+from backorder.config import ROLES, Role, Settings, load_settings
 from backorder.errors import BackorderError, ConfigError
 from backorder.logs import bind, configure_json
 from backorder.uris import is_database, with_table
@@ -38,6 +38,10 @@ app = typer.Typer(
 )
 models_app = typer.Typer(no_args_is_help=True, help="List, promote and roll back model versions.")
 app.add_typer(models_app, name="models")
+keys_app = typer.Typer(
+    no_args_is_help=True, help="Create, list and revoke the API keys the server accepts."
+)
+app.add_typer(keys_app, name="keys")
 
 # soft_wrap: long paths and summaries stay on one line, so logs can be grepped. Results are
 # plain text: a path or a message with [brackets] is printed as it is, not read as markup.
@@ -648,6 +652,103 @@ def models_rollback(config: ConfigOption = None) -> None:
     settings = _settings(config)
     current, previous = _guard(lambda: Registry(settings).rollback())
     out.print(f"champion rolled back from v{current} to v{previous}")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="Who or what the key is for, e.g. planning-team.")],
+    role: Annotated[
+        str, typer.Option("--role", help="viewer, planner, admin, or metrics (/metrics only).")
+    ],
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--token-file",
+            help="Register the token in this file (a secret) instead of making one; "
+            "nothing is printed, and running it again changes nothing.",
+        ),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Make an API key and print its token once, as the last line (only its hash is kept)."""
+    from backorder.state import StateStore
+
+    settings = _settings(config)
+    if role not in ROLES:
+        _fail(f"--role {role}: expected one of {', '.join(ROLES)}", 2)
+    checked = cast(Role, role)
+    given = _guard(lambda: _read_token(token_file)) if token_file is not None else None
+    with _guard(lambda: StateStore.open(settings)) as store:
+        if given is None:
+            token = _guard(lambda: store.create_key(name, checked))
+            out.print(f"key {name} ({role}) created; its token, shown only this once:")
+            out.print(token)
+            return
+        had_it = any(key.name == name for key in _guard(store.keys))
+        _guard(lambda: store.create_key(name, checked, given))
+    what = "already held" if had_it else "registered with"
+    out.print(f"key {name} ({role}) {what} the token in {token_file}")
+
+
+def _read_token(path: Path) -> str:
+    from backorder.errors import InputFileError
+    from backorder.state import MIN_TOKEN_CHARS
+
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+        raise InputFileError(f"{path}: cannot read the token ({reason})") from None
+    if len(token) < MIN_TOKEN_CHARS:
+        raise InputFileError(f"{path}: a token needs at least {MIN_TOKEN_CHARS} characters")
+    return token
+
+
+@keys_app.command("list")
+def keys_list(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List the active API keys: name, role, when made and last used (never a token)."""
+    from backorder.state import StateStore
+
+    settings = _settings(config)
+    with _guard(lambda: StateStore.open(settings)) as store:
+        keys = _guard(store.keys)
+    if as_json:
+        rows = [
+            {
+                "name": key.name,
+                "role": key.role,
+                "created_at": key.created_at.isoformat(),
+                "last_used_at": key.last_used_at.isoformat() if key.last_used_at else None,
+            }
+            for key in keys
+        ]
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    if not keys:
+        out.print("no API keys yet: run `backorder keys create NAME --role viewer`")
+        return
+    grid = Table("name", "role", "created (UTC)", "last used (UTC)")
+    for key in keys:
+        used = key.last_used_at.strftime("%Y-%m-%d %H:%M") if key.last_used_at else "never"
+        grid.add_row(key.name, key.role, key.created_at.strftime("%Y-%m-%d %H:%M"), used)
+    out.print(grid)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    name: Annotated[str, typer.Argument(help="The key to revoke.")],
+    config: ConfigOption = None,
+) -> None:
+    """Revoke a key: its token stops working and its sign-in sessions end."""
+    from backorder.state import StateStore
+
+    settings = _settings(config)
+    with _guard(lambda: StateStore.open(settings)) as store:
+        _guard(lambda: store.revoke_key(name))
+    out.print(f"key {name} revoked; its sessions are ended")
 
 
 if __name__ == "__main__":  # pragma: no cover

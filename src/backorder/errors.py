@@ -31,5 +31,28 @@ class OutputError(BackorderError):
     exit_code = 4
 
 
+class StateStoreError(BackorderError):
+    """The product's state store (API keys, sessions) is unreachable, invalid or at a schema
+    revision this version does not know. The message names the store without its password."""
+
+    exit_code = 4
+
+
+class ApiKeyError(BackorderError):
+    """An API key cannot be made as asked: a bad name, role or token, or a name already taken."""
+
+    exit_code = 2
+
+
+class KeyExistsError(ApiKeyError):
+    """An active API key already has the given name (names are unique among active keys)."""
+
+
+class UnknownKeyError(ApiKeyError):
+    """No active API key has the given name."""
+
+    exit_code = 3
+
+
 def first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
