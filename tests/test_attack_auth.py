@@ -6,14 +6,17 @@ Keys are made and revoked with the real `backorder keys` command while the serve
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -22,6 +25,9 @@ from backorder.web import FORM_DEFAULTS
 from tests.conftest import run_cli
 from tests.support.keys import bearer
 from tests.support.servers import HOST, free_port, serving, wait_until
+
+if TYPE_CHECKING:
+    from typing import IO
 
 BODY = {"records": [FORM_DEFAULTS]}
 
@@ -161,7 +167,8 @@ def test_the_rate_limit_answers_429_with_retry_after(trained_home: Path, tmp_pat
         home, tmp_path / "serve.log", env={"BACKORDER_RATE_LIMIT_PER_MINUTE": "20"}
     ) as url:
         codes = [httpx.get(f"{url}/v1/model", headers=bearer(token)).status_code for _ in range(25)]
-        assert codes[:20] == [200] * 20 and set(codes[20:]) == {429}, codes
+        # 20 at once, then 429s (a slow machine may refill one token every 3 s meanwhile).
+        assert codes[:20] == [200] * 20 and codes[20:].count(429) >= 3, codes
         over = httpx.get(f"{url}/v1/model", headers=bearer(token))
         assert over.status_code == 429 and "rate limit" in over.json()["detail"]
         assert 1 <= int(over.headers["retry-after"]) <= 5
@@ -190,7 +197,8 @@ def test_a_first_serve_on_loopback_makes_an_admin_key_and_says_how_to_sign_in(
     shutil.copytree(trained_home, home)
     port = free_port()
     exe = str(Path(sys.executable).with_name("backorder"))
-    env = {"BACKORDER_HOME": str(home), "PATH": "/usr/bin:/bin"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKORDER_")}
+    env["BACKORDER_HOME"] = str(home)
     proc = subprocess.Popen(
         [exe, "serve", "--host", HOST, "--port", str(port)],
         stdout=subprocess.PIPE,
@@ -200,12 +208,28 @@ def test_a_first_serve_on_loopback_makes_an_admin_key_and_says_how_to_sign_in(
     )
     try:
         assert proc.stdout is not None
-        first = proc.stdout.readline()
+        first, token = read_lines(proc.stdout, 2, timeout=60)
         assert f"Open http://{HOST}:{port}" in first and "local-admin" in first
-        token = proc.stdout.readline().strip()
         url = f"http://{HOST}:{port}"
         wait_until(lambda: httpx.get(f"{url}/readyz").raise_for_status(), "serve", 60)
         assert httpx.get(f"{url}/metrics", headers=bearer(token)).status_code == 200
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def read_lines(stream: IO[str], n: int, timeout: float) -> list[str]:
+    """The first `n` lines of a child's stdout, or fail after `timeout` (never hang)."""
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in stream:
+            lines.append(line.strip())
+            if len(lines) == n:
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert len(lines) >= n, f"only {lines!r} within {timeout:.0f} s"
+    return lines[:n]

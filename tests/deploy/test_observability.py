@@ -526,7 +526,13 @@ def app_home(trained_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 @pytest.fixture(scope="module")
-def app_server(app_home: Path) -> Iterator[str]:
+def app_viewer_key(app_home: Path) -> str:
+    """Made before the server starts (a running server picks up new keys within a second)."""
+    return make_key(app_home, "viewer")
+
+
+@pytest.fixture(scope="module")
+def app_server(app_home: Path, app_viewer_key: str) -> Iterator[str]:
     """`backorder serve` as a real process on a free loopback port."""
     with serving(app_home, app_home.parent / "serve.log") as url:
         yield url
@@ -586,11 +592,11 @@ def poll(what: str, check: Any, timeout: float = 30) -> Any:
 
 
 def test_prometheus_scrapes_the_app_and_loads_the_alert_rules(
-    app_server: str, app_home: Path, prometheus: str
+    app_server: str, app_viewer_key: str, prometheus: str
 ) -> None:
     from backorder.web import FORM_DEFAULTS
 
-    viewer = make_key(app_home, "viewer")
+    viewer = app_viewer_key
     predictions = 3
     for i in range(predictions):
         response = httpx.post(

@@ -292,8 +292,8 @@ class Identify:
             return self._proxy_principal(scope, headers)
         cookie = headers.get(b"cookie")
         if cookie and self.directory is not None:
-            token = _cookies(cookie).get(SESSION_COOKIE)
-            session = self.directory.session(token) if token else None
+            session_token = _cookies(cookie).get(SESSION_COOKIE)
+            session = self.directory.session(session_token) if session_token else None
             if session is not None:
                 return Principal(session.key_name, session.role, "session", session.csrf_token)
         return None
