@@ -15,6 +15,7 @@ import io
 import logging
 import re
 import secrets
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 # Printable ASCII without spaces: a token travels in an Authorization header.
 TOKEN_TEXT = re.compile(r"[!-~]+")
 _IMMEDIATE = "backorder_immediate"
+# Alembic's `context` and `op` are module globals: one migration at a time in a process.
+_MIGRATING = threading.Lock()
 
 
 def new_token() -> str:
@@ -281,7 +284,8 @@ class StateStore:
 
     def migrate(self) -> None:
         """Bring the schema to the newest revision (Alembic's upgrade to head); a no-op when it
-        is there. Safe to run from several processes at once."""
+        is there. Safe to run from several processes (and threads) at once: on PostgreSQL they
+        queue on an advisory lock, on SQLite on the write lock."""
         # Imported here: Alembic is needed once per process, not by every import of this module.
         from alembic import command
         from alembic.config import Config
@@ -299,7 +303,7 @@ class StateStore:
             return context.get_current_revision()
 
         try:
-            with self._begin(immediate=True) as connection:
+            with _MIGRATING, self._begin(immediate=True) as connection:
                 if connection.dialect.name == "postgresql":
                     # Held until this transaction ends; the next process then finds head.
                     connection.execute(
