@@ -293,6 +293,8 @@ def test_keys_errors_are_one_line_with_a_non_zero_exit(tmp_path: Path) -> None:
     assert run_cli("keys", "create", "ops", "--role", "admin", home=home).returncode == 0
     short = tmp_path / "short-token"
     short.write_text("not-long-enough\n")
+    spaced = tmp_path / "spaced-token"
+    spaced.write_text(f"{new_token()} {new_token()}\n")
     unreachable = {"BACKORDER_STATE_URL": f"postgresql://u:pw-1234@{HOST}:{free_port()}/db"}
     cases = [
         (["keys", "create", "x", "--role", "root"], {}, 2, "--role root"),
@@ -300,6 +302,12 @@ def test_keys_errors_are_one_line_with_a_non_zero_exit(tmp_path: Path) -> None:
         (["keys", "revoke", "nobody"], {}, 3, "key nobody"),
         (["keys", "create", "p", "--role", "metrics", "--token-file", str(short)], {}, 2, "32"),
         (["keys", "create", "p", "--role", "metrics", "--token-file", "nope"], {}, 2, "nope"),
+        (
+            ["keys", "create", "p", "--role", "metrics", "--token-file", str(spaced)],
+            {},
+            2,
+            "spaces",
+        ),
         (["keys", "list"], unreachable, 4, "u:***@"),
     ]
     for args, env, code, needle in cases:

@@ -189,7 +189,8 @@ def _check_key(name: str, role: str) -> None:
         raise ApiKeyError(f"role {role!r}: expected one of {', '.join(ROLES)}")
 
 
-def _check_token(token: str) -> None:
+def check_token(token: str) -> None:
+    """Refuse a token given from outside (a secret file) that is too short or holds spaces."""
     if len(token) < MIN_TOKEN_CHARS:
         raise ApiKeyError(f"a token needs at least {MIN_TOKEN_CHARS} characters")
     if not TOKEN_TEXT.fullmatch(token):
@@ -222,12 +223,13 @@ class StateStore:
         self.url = redacted(url)  # for messages and logs: never the password
         try:
             target = _engine_url(url)
-            postgres = target.get_backend_name() == "postgresql"
+            psycopg = target.get_driver_name() == "psycopg"
             self._engine = sa.create_engine(
                 target,
                 # The server keeps polling: a connection the database dropped is replaced.
                 pool_pre_ping=True,
-                connect_args={"connect_timeout": 5} if postgres else {},
+                # An unreachable server fails the command in seconds, not minutes.
+                connect_args={"connect_timeout": 5} if psycopg else {},
             )
         except (sa_exc.ArgumentError, ImportError) as exc:
             raise StateStoreError(f"state store {self.url}: {first_line(exc)}") from None
@@ -330,7 +332,7 @@ class StateStore:
         secret file is idempotent); any other clash with an active key is an error."""
         _check_key(name, role)
         if token is not None:
-            _check_token(token)
+            check_token(token)
         chosen = token if token is not None else new_token()
         digest = token_hash(chosen)
         with self._begin(immediate=True) as connection:
