@@ -691,16 +691,18 @@ def keys_create(
 
 
 def _read_token(path: Path) -> str:
-    from backorder.errors import InputFileError
-    from backorder.state import MIN_TOKEN_CHARS
+    from backorder.errors import ApiKeyError, InputFileError
+    from backorder.state import check_token
 
     try:
         token = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or "not UTF-8 text"
         raise InputFileError(f"{path}: cannot read the token ({reason})") from None
-    if len(token) < MIN_TOKEN_CHARS:
-        raise InputFileError(f"{path}: a token needs at least {MIN_TOKEN_CHARS} characters")
+    try:
+        check_token(token)
+    except ApiKeyError as exc:
+        raise InputFileError(f"{path}: {exc}") from None
     return token
 
 

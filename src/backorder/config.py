@@ -286,11 +286,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _derived_features_exist(self) -> Settings:
+        if not self.derived_features:  # [] or null: nothing to check, nothing to import
+            return self
         # Imported here: features needs scikit-learn, which reading settings should not load.
         from backorder.features import DERIVED_FEATURES
 
         known = {d.name for d in DERIVED_FEATURES}
-        unknown = [n for n in self.derived_features or [] if n not in known]
+        unknown = [n for n in self.derived_features if n not in known]
         if unknown:
             raise ValueError(
                 f"derived_features: unknown {', '.join(unknown)}; known: {', '.join(sorted(known))}"

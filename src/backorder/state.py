@@ -15,6 +15,7 @@ import io
 import logging
 import re
 import secrets
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 # Printable ASCII without spaces: a token travels in an Authorization header.
 TOKEN_TEXT = re.compile(r"[!-~]+")
 _IMMEDIATE = "backorder_immediate"
+# Alembic's `context` and `op` are module globals: one migration at a time in a process.
+_MIGRATING = threading.Lock()
 
 
 def new_token() -> str:
@@ -186,7 +189,8 @@ def _check_key(name: str, role: str) -> None:
         raise ApiKeyError(f"role {role!r}: expected one of {', '.join(ROLES)}")
 
 
-def _check_token(token: str) -> None:
+def check_token(token: str) -> None:
+    """Refuse a token given from outside (a secret file) that is too short or holds spaces."""
     if len(token) < MIN_TOKEN_CHARS:
         raise ApiKeyError(f"a token needs at least {MIN_TOKEN_CHARS} characters")
     if not TOKEN_TEXT.fullmatch(token):
@@ -219,12 +223,13 @@ class StateStore:
         self.url = redacted(url)  # for messages and logs: never the password
         try:
             target = _engine_url(url)
-            postgres = target.get_backend_name() == "postgresql"
+            psycopg = target.get_driver_name() == "psycopg"
             self._engine = sa.create_engine(
                 target,
                 # The server keeps polling: a connection the database dropped is replaced.
                 pool_pre_ping=True,
-                connect_args={"connect_timeout": 5} if postgres else {},
+                # An unreachable server fails the command in seconds, not minutes.
+                connect_args={"connect_timeout": 5} if psycopg else {},
             )
         except (sa_exc.ArgumentError, ImportError) as exc:
             raise StateStoreError(f"state store {self.url}: {first_line(exc)}") from None
@@ -281,7 +286,8 @@ class StateStore:
 
     def migrate(self) -> None:
         """Bring the schema to the newest revision (Alembic's upgrade to head); a no-op when it
-        is there. Safe to run from several processes at once."""
+        is there. Safe to run from several processes (and threads) at once: on PostgreSQL they
+        queue on an advisory lock, on SQLite on the write lock."""
         # Imported here: Alembic is needed once per process, not by every import of this module.
         from alembic import command
         from alembic.config import Config
@@ -299,7 +305,7 @@ class StateStore:
             return context.get_current_revision()
 
         try:
-            with self._begin(immediate=True) as connection:
+            with _MIGRATING, self._begin(immediate=True) as connection:
                 if connection.dialect.name == "postgresql":
                     # Held until this transaction ends; the next process then finds head.
                     connection.execute(
@@ -326,7 +332,7 @@ class StateStore:
         secret file is idempotent); any other clash with an active key is an error."""
         _check_key(name, role)
         if token is not None:
-            _check_token(token)
+            check_token(token)
         chosen = token if token is not None else new_token()
         digest = token_hash(chosen)
         with self._begin(immediate=True) as connection:
