@@ -30,7 +30,7 @@ from tests.conftest import SAMPLE, make_settings
 
 @pytest.fixture
 def client(trained_settings: Settings) -> Any:
-    with TestClient(create_app(trained_settings)) as test_client:
+    with TestClient(create_app(trained_settings), base_url="http://127.0.0.1") as test_client:
         yield test_client
 
 
@@ -239,7 +239,7 @@ def test_new_champion_is_picked_up_while_requests_are_in_flight(tmp_path: Path) 
     stop = threading.Event()
     records = {"records": sample_records(5)}
 
-    with TestClient(create_app(settings)) as test_client:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as test_client:
 
         def hammer() -> None:
             while not stop.is_set():
@@ -278,7 +278,7 @@ def test_a_fresh_stack_waits_for_the_first_champion(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError), TestClient(create_app(empty)):
         pass  # by default a missing model stops the server at start-up
     waiting = make_settings(tmp_path / "home", serve_wait_for_model=True, serve_reload_seconds=0.2)
-    with TestClient(create_app(waiting)) as client:
+    with TestClient(create_app(waiting), base_url="http://127.0.0.1") as client:
         assert client.get("/readyz").status_code == 503
         assert client.post("/v1/predict", json={"records": sample_records(1)}).status_code == 503
         run_training([SAMPLE / "labelled.csv.gz"], waiting, tmp_path / "training")

@@ -94,7 +94,7 @@ def test_cli_fallback_is_one_warning_line(trained_settings: Settings, tmp_path: 
 
 
 def test_web_app_scores_with_compiled_trees(trained_settings: Settings) -> None:
-    with TestClient(create_app(trained_settings)) as client:
+    with TestClient(create_app(trained_settings), base_url="http://127.0.0.1") as client:
         info = client.get("/v1/model").json()
         assert info["scoring_engine"] == "compiled"
         answer = client.post("/v1/predict", json={"records": [FORM_DEFAULTS]})

@@ -277,7 +277,7 @@ def get(url: str, timeout: float = 5) -> str:
 def app_catalog(settings: Settings) -> Catalog:
     from backorder.web import FORM_DEFAULTS, create_app
 
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
         ok = client.post("/v1/predict", json={"records": [{"sku": "1", **FORM_DEFAULTS}]})
         assert ok.status_code == 200, ok.text
         refused = client.post("/v1/predict", json={"records": [{**FORM_DEFAULTS, "lead_time": -1}]})
