@@ -24,9 +24,9 @@ from backorder.contract import FEATURE_COLUMNS, FLAG_COLUMNS, validate_chunk
 from backorder.logs import JsonFormatter
 from backorder.predict import score_rows
 from backorder.registry import Registry
-from backorder.web import FORM_DEFAULTS
+from backorder.web import FORM_DEFAULTS, create_app
 from tests.conftest import SAMPLE, make_settings
-from tests.support.keys import signed_in_client
+from tests.support.keys import bearer, make_key, signed_in_client
 
 
 @pytest.fixture
@@ -291,3 +291,31 @@ def test_a_fresh_stack_waits_for_the_first_champion(tmp_path: Path) -> None:
         assert answer.status_code == 200
         # Waiting is not failing: no reload failure was counted.
         assert "backorder_model_reload_failures_total 0.0" in client.get("/metrics").text
+
+
+def test_only_trusted_hosts_are_answered_in_process(trained_settings: Settings) -> None:
+    """TestClient's default Host, "testserver", is not a loopback name: refused like any other."""
+    with TestClient(create_app(trained_settings)) as stranger:
+        refused = stranger.get("/healthz")
+    assert refused.status_code == 400
+    assert "'testserver' is not served here" in refused.json()["detail"]
+    assert refused.headers["x-content-type-options"] == "nosniff"
+    anywhere = trained_settings.model_copy(update={"trusted_hosts": ["*"]})
+    with TestClient(create_app(anywhere)) as stranger:
+        assert stranger.get("/healthz").status_code == 200
+
+
+def test_an_unhandled_error_is_a_500_with_the_security_headers(trained_settings: Settings) -> None:
+    """A fault no request can cause for real: a route that raises."""
+    app = create_app(trained_settings)
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    app.add_api_route("/broken", broken)
+    headers = bearer(make_key(trained_settings, "viewer"))
+    with TestClient(app, base_url="http://127.0.0.1", headers=headers) as test_client:
+        response = test_client.get("/broken")
+    assert response.status_code == 500 and response.json()["detail"] == "internal error"
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    assert response.headers["referrer-policy"] == "no-referrer"

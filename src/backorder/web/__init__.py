@@ -6,6 +6,7 @@
 - ``deps``: what a route gets from the app (settings, metrics, the model holder).
 - ``holder``: the serving model, hot-swapped when the registry's alias moves.
 - ``metrics``: the app's Prometheus metrics. ``middleware``: body limits, request logs.
+- ``headers``: security headers on every answer, trusted Host names. ``apidocs``: ``/docs``.
 
 Every module logs as ``backorder.serve``: the logger name operators already filter on.
 """

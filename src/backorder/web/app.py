@@ -11,17 +11,21 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from backorder.config import Settings
 from backorder.errors import ConfigError, ModelNotFoundError
 from backorder.logs import configure_json, json_log_config
 from backorder.registry import Registry
 from backorder.web.api import router as api_router
+from backorder.web.apidocs import router as docs_router
 from backorder.web.auth import Directory, Identify, TrustedProxies, is_loopback, require
+from backorder.web.headers import SecurityHeaders, TrustedHosts
 from backorder.web.holder import ModelHolder
 from backorder.web.metrics import Metrics
 from backorder.web.middleware import BodyLimit, Observe
@@ -29,6 +33,7 @@ from backorder.web.ops import router as ops_router
 from backorder.web.page import router as page_router
 from backorder.web.signin import router as signin_router
 
+STATIC = Path(__file__).parent.parent / "static"
 log = logging.getLogger("backorder.serve")
 
 
@@ -40,18 +45,25 @@ def create_app(settings: Settings, model_ref: str = "champion") -> FastAPI:
         version="1",
         description="Which SKUs are about to go on backorder, how likely that is, and why.",
         lifespan=lifespan,
+        # Our own /docs page (apidocs): FastAPI's loads Swagger UI from a CDN with inline script.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.api_docs else None,
     )
     directory = None
     if settings.auth != "none":
         from backorder.state import StateStore  # SQLAlchemy: only when keys are in play
 
         directory = Directory(StateStore(settings.resolved_state_url))
+    # The last added is the outermost. Plain ASGI: BaseHTTPMiddleware costs ~1 ms a request.
     app.add_middleware(BodyLimit)
     # Before the body is read: an unidentified or too-frequent caller costs next to nothing.
     app.add_middleware(Identify, settings=settings, directory=directory)
-    # Outermost, so refusals are counted and logged too. Plain ASGI: Starlette's
-    # BaseHTTPMiddleware costs about a millisecond a request.
+    app.add_middleware(TrustedHosts, hosts=settings.trusted_hosts)
+    # Outside the refusals, so they are counted and logged too.
     app.add_middleware(Observe, metrics=metrics, holder=holder)
+    # Outermost, so every answer carries the headers, Observe's own 500 included.
+    app.add_middleware(SecurityHeaders)
     app.state.settings = settings
     app.state.holder = holder
     app.state.metrics = metrics
@@ -64,6 +76,10 @@ def create_app(settings: Settings, model_ref: str = "champion") -> FastAPI:
     app.include_router(ops_router)  # health checks are open; /metrics says its own role
     app.include_router(page_router, dependencies=viewer)
     app.include_router(signin_router)
+    if settings.api_docs:
+        app.include_router(docs_router, dependencies=viewer)
+    # Open to anyone (auth.OPEN_PREFIXES): the sign-in page needs its stylesheet.
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
 
