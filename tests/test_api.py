@@ -233,7 +233,8 @@ def test_new_champion_is_picked_up_while_requests_are_in_flight(tmp_path: Path) 
     from backorder.train import run_training
 
     home = tmp_path / "home"
-    settings = make_settings(home, serve_reload_seconds=0.2)
+    # Four threads hammer as fast as they can: no rate limit here (it has tests of its own).
+    settings = make_settings(home, serve_reload_seconds=0.2, rate_limit_per_minute=0)
     run_training([SAMPLE / "labelled.csv.gz"], settings, home / "v1")
     statuses: Counter[int] = Counter()
     versions: list[str] = []
