@@ -1,11 +1,15 @@
 #!/bin/sh
-# Creates one database and one owner role each for Airflow, MLflow and the product's tables.
-# The official postgres image runs this once, when its data volume is empty; passwords come
-# from the environment (.env), never from this file. psql's :'name' quoting makes any password
-# a safe SQL literal.
+# Creates one database and one owner role each for Airflow, MLflow, the product's tables
+# (inputs and outputs) and the product's state store (API keys, sign-in sessions), and only
+# what is missing: the postgres-init service runs it on every `docker compose up`, so a stack
+# made before a component had its database gets it on the next start. It connects as the
+# superuser with the libpq variables it is given (PGHOST, PGPASSWORD); passwords come from the
+# environment (.env), never from this file. psql's :'name' quoting makes any password a safe
+# SQL literal. An existing role keeps its password (change one with ALTER ROLE).
 set -eu
 
-for name in AIRFLOW_DB_PASSWORD MLFLOW_DB_PASSWORD BACKORDER_DB_PASSWORD; do
+for name in AIRFLOW_DB_PASSWORD MLFLOW_DB_PASSWORD BACKORDER_DB_PASSWORD \
+    BACKORDER_STATE_DB_PASSWORD; do
     eval "value=\${$name:-}"
     if [ -z "$value" ]; then
         echo "init.sh: $name is not set (see .env.example)" >&2
@@ -29,3 +33,4 @@ SQL
 create airflow "$AIRFLOW_DB_PASSWORD"
 create mlflow "$MLFLOW_DB_PASSWORD"
 create backorder "$BACKORDER_DB_PASSWORD"
+create backorder_state "$BACKORDER_STATE_DB_PASSWORD"

@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -40,12 +41,14 @@ PLACEHOLDER = "change-me"
 
 EXPECTED_SERVICES = {
     "app",
+    "app-init",
     "mlflow",
     "airflow-init",
     "airflow-api-server",
     "airflow-scheduler",
     "airflow-dag-processor",
     "postgres",
+    "postgres-init",
     "s3",
     "s3-buckets",
     "pushgateway",
@@ -59,6 +62,7 @@ EXPECTED_SERVICES = {
 # The services that run the product's image (app, MLflow, Airflow and the one-off jobs).
 OWN_IMAGE_SERVICES = {
     "app",
+    "app-init",
     "mlflow",
     "airflow-init",
     "airflow-api-server",
@@ -66,7 +70,7 @@ OWN_IMAGE_SERVICES = {
     "airflow-dag-processor",
     "s3-buckets",
 }
-ONE_OFF_SERVICES = {"airflow-init", "s3-buckets"}
+ONE_OFF_SERVICES = {"app-init", "airflow-init", "postgres-init", "s3-buckets"}
 # Host paths a service may mount, always read-only: node-exporter's view of the host and the
 # Docker socket promtail discovers containers with.
 HOST_PATHS = {"/proc", "/sys", "/", "/var/run/docker.sock"}
@@ -212,8 +216,10 @@ def test_airflow_services_run_one_airflow_process_each(services: dict[str, Any])
         assert services[name]["command"][0] == command, name
     assert services["mlflow"]["entrypoint"] == ["mlflow"]
     assert services["mlflow"]["command"][0] == "server"
-    assert "entrypoint" not in services["app"]  # the image's: backorder
+    for name in ("app", "app-init"):
+        assert "entrypoint" not in services[name], name  # the image's: backorder
     assert services["app"]["command"][:1] == ["serve"]
+    assert services["app-init"]["command"][:2] == ["keys", "create"]
 
 
 def test_services_of_the_image_override_its_web_healthcheck(services: dict[str, Any]) -> None:
@@ -317,12 +323,14 @@ def test_scripts_run_by_the_stack_are_valid(services: dict[str, Any]) -> None:
         result = run(["sh", "-n", str(path)])
         assert result.returncode == 0, result.stderr
     mounted = {
-        target
-        for service in services.values()
+        (name, target)
+        for name, service in services.items()
         for source, target, _ in volume_mounts(service)
         if source == "./deploy/postgres/init.sh"
     }
-    assert mounted == {"/docker-entrypoint-initdb.d/10-backorder.sh"}
+    # Run by its one-off on every start, not by the image on an empty volume only.
+    assert mounted == {("postgres-init", "/opt/backorder-deploy/postgres-init.sh")}
+    assert services["postgres-init"]["entrypoint"] == ["sh", *(t for _, t in mounted)]
     compile((DEPLOY / "s3" / "create_buckets.py").read_text(), "create_buckets.py", "exec")
 
 
@@ -368,6 +376,83 @@ def test_env_files_stay_out_of_git() -> None:
         ["git", "check-ignore", "-q", ".env.example"], cwd=ROOT, capture_output=True, check=False
     )
     assert kept.returncode == 1, ".env.example must not be ignored"
+    # The token file .env names by default lives in the checkout, so git must ignore it too.
+    token_file = env_example()["METRICS_TOKEN_FILE"]
+    assert not Path(token_file).is_absolute() and ".." not in Path(token_file).parts
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", token_file], cwd=ROOT, capture_output=True, check=False
+    )
+    assert ignored.returncode == 0, f"{token_file} is not ignored by git"
+
+
+# -- who may use the app ----------------------------------------------------------------------
+STATE_URL = re.compile(
+    r"postgresql\+psycopg://backorder_state:\$\{BACKORDER_STATE_DB_PASSWORD:\?[^}]+\}"
+    r"@postgres:5432/backorder_state"
+)
+
+
+def secret_targets(service: dict[str, Any]) -> dict[str, str]:
+    """Secret name -> the path compose mounts it at in the service's containers."""
+    targets = {}
+    for entry in service.get("secrets", []):
+        long = entry if isinstance(entry, dict) else {"source": entry}
+        target = long.get("target") or long["source"]
+        targets[long["source"]] = target if target.startswith("/") else f"/run/secrets/{target}"
+    return targets
+
+
+def test_app_answers_only_callers_it_identifies_from_a_postgresql_state_store(
+    raw: dict[str, Any], services: dict[str, Any]
+) -> None:
+    app = environment(services["app"])
+    assert app.get("BACKORDER_AUTH", "keys") == "keys"  # never none: it listens on 0.0.0.0
+    # Its own database and owner, the password from .env (the data role `backorder` and its
+    # database hold inputs and outputs, never keys).
+    for name in ("app", "app-init"):
+        written = environment(raw["services"][name])["BACKORDER_STATE_URL"]
+        assert STATE_URL.fullmatch(written), f"{name}: {written}"
+    assert environment(services["app-init"])["BACKORDER_STATE_URL"] == app["BACKORDER_STATE_URL"]
+    assert 'create backorder_state "$BACKORDER_STATE_DB_PASSWORD"' in POSTGRES_INIT.read_text()
+    init = environment(services["postgres-init"])
+    assert init["PGHOST"] == "postgres"
+    assert "BACKORDER_STATE_DB_PASSWORD" in init
+    # The long-running server holds the superuser's password only.
+    assert set(environment(services["postgres"])) == {"POSTGRES_PASSWORD"}
+
+
+def test_prometheus_scrapes_the_app_with_the_key_app_init_registers(
+    raw: dict[str, Any], compose: dict[str, Any], services: dict[str, Any]
+) -> None:
+    config = load_deploy_yaml("prometheus/prometheus.yml")
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    authorization = jobs["backorder-app"]["authorization"]
+    assert authorization.get("type", "Bearer") == "Bearer"
+    assert set(authorization) <= {"type", "credentials_file"}  # never the token inline
+    # The file it names is the secret compose mounts into the Prometheus container...
+    token_path = authorization["credentials_file"]
+    prometheus = secret_targets(services["prometheus"])
+    assert list(prometheus.values()) == [token_path]
+    [secret] = prometheus
+    # ...from the file the operator names in .env...
+    assert re.fullmatch(r"\$\{METRICS_TOKEN_FILE:\?[^}]+\}", raw["secrets"][secret]["file"])
+    assert set(compose["secrets"]) == {secret}
+    # ...and app-init, which the app waits for, registers that token as a key of role metrics.
+    app_init = services["app-init"]
+    given = secret_targets(app_init)[secret]
+    assert app_init["command"] == [
+        "keys", "create", "prometheus", "--role", "metrics", "--token-file", given,
+    ]  # fmt: skip
+    assert services["app"]["depends_on"]["app-init"] == {
+        "condition": "service_completed_successfully"
+    }
+    assert app_init["depends_on"] == {
+        "postgres-init": {"condition": "service_completed_successfully"}
+    }
+    # No other service sees the token; no other target needs one.
+    holders = {name for name, service in services.items() if secret_targets(service)}
+    assert holders == {"app-init", "prometheus"}
+    assert [name for name, job in jobs.items() if "authorization" in job] == ["backorder-app"]
 
 
 # -- dependencies -----------------------------------------------------------------------------
@@ -405,6 +490,10 @@ def test_startup_order_has_no_cycle(services: dict[str, Any]) -> None:
         visit(name)
     assert order.index("airflow-init") < order.index("airflow-scheduler")
     assert order.index("s3-buckets") < order.index("mlflow") < order.index("app")
+    # Every database exists before anything connects to it, the Prometheus key before the app.
+    for name in ("mlflow", "airflow-init", "app-init"):
+        assert order.index("postgres") < order.index("postgres-init") < order.index(name), name
+    assert order.index("app-init") < order.index("app")
 
 
 # -- how the services find each other ---------------------------------------------------------
@@ -776,25 +865,33 @@ STACK_PASSWORDS = {
     "MLFLOW_DB_PASSWORD": "mlflow-pw",
     # quotes and a backslash: psql's :'name' quoting must keep them literal
     "BACKORDER_DB_PASSWORD": 'it\'s a \\ "pw"',
+    "BACKORDER_STATE_DB_PASSWORD": "state-pw",
 }
 ADMIN_PASSWORD = 'p@ss "word\\'
 
 
 def psql_env(server: Any, **extra: str) -> dict[str, str]:
-    """What the postgres image gives its init scripts: the local server and POSTGRES_*."""
+    """What postgres-init gives the script (compose.yaml), pointed at the local server: its
+    libpq variables and the components' passwords (STACK_PASSWORDS instead of the
+    placeholders; the test server trusts loopback, so PGPASSWORD is not checked)."""
+    stack = environment(
+        yaml.safe_load(interpolate(COMPOSE.read_text(), env_example()))["services"]["postgres-init"]
+    )
+    passwords = {name for name in stack if name.endswith("_DB_PASSWORD")}
+    assert passwords == set(STACK_PASSWORDS), "postgres-init's passwords differ from the test's"
     return {
         **os.environ,
+        **stack,
         "PGHOST": "127.0.0.1",
         "PGPORT": str(server.port),
-        "POSTGRES_USER": server.user,
-        "POSTGRES_DB": "postgres",
+        **STACK_PASSWORDS,
         **extra,
     }
 
 
 @pytest.fixture(scope="module")
 def stack_postgres() -> Any:
-    """A private PostgreSQL set up by deploy/postgres/init.sh, as the postgres image would."""
+    """A private PostgreSQL set up by deploy/postgres/init.sh, as postgres-init does."""
     from tests.support.servers import PostgresServer, find_postgres_bindir
 
     bindir = find_postgres_bindir()
@@ -803,7 +900,7 @@ def stack_postgres() -> Any:
     server = PostgresServer(bindir=bindir)
     server.start()
     try:
-        result = run(["sh", str(POSTGRES_INIT)], psql_env(server, **STACK_PASSWORDS), 60)
+        result = run(["sh", str(POSTGRES_INIT)], psql_env(server), 60)
         assert result.returncode == 0, result.stderr
         yield server
     finally:
@@ -813,30 +910,59 @@ def stack_postgres() -> Any:
 def test_postgres_init_creates_a_database_and_owner_per_component(stack_postgres: Any) -> None:
     import psycopg
 
+    names = ("airflow", "mlflow", "backorder", "backorder_state")
     dsn = f"host=127.0.0.1 port={stack_postgres.port} user=postgres dbname=postgres"
     with psycopg.connect(dsn) as conn:
         owners = dict(
             conn.execute(
-                "SELECT datname, pg_get_userbyid(datdba) FROM pg_database"
-                " WHERE datname IN ('airflow', 'mlflow', 'backorder')"
+                "SELECT datname, pg_get_userbyid(datdba) FROM pg_database WHERE datname = ANY(%s)",
+                [list(names)],
             ).fetchall()
         )
         hashes = dict(
             conn.execute(
-                "SELECT rolname, rolpassword FROM pg_authid"
-                " WHERE rolname IN ('airflow', 'mlflow', 'backorder')"
+                "SELECT rolname, rolpassword FROM pg_authid WHERE rolname = ANY(%s)",
+                [list(names)],
             ).fetchall()
         )
-    assert owners == {"airflow": "airflow", "mlflow": "mlflow", "backorder": "backorder"}
+    assert owners == {name: name for name in names}
     assert set(hashes) == set(owners)
     assert all(str(h).startswith("SCRAM-SHA-256$") for h in hashes.values())
-    # The image runs it once, on an empty volume; a second run must still succeed.
-    again = run(["sh", str(POSTGRES_INIT)], psql_env(stack_postgres, **STACK_PASSWORDS), 60)
+    # Only its owner may connect: the data role cannot reach the keys.
+    with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+        psycopg.connect(
+            f"host=127.0.0.1 port={stack_postgres.port} user=backorder dbname=backorder_state"
+        ).close()
+
+
+def test_postgres_init_adds_a_missing_database_and_keeps_the_others(
+    stack_postgres: Any,
+) -> None:
+    """postgres-init runs on every start: a stack made before the state store had its database
+    gets it, and the databases already there keep their data."""
+    import psycopg
+
+    admin = f"host=127.0.0.1 port={stack_postgres.port} user=postgres"
+    with psycopg.connect(f"{admin} dbname=mlflow", autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS kept (id int)")
+        conn.execute("INSERT INTO kept VALUES (1)")
+    with psycopg.connect(f"{admin} dbname=postgres", autocommit=True) as conn:
+        conn.execute("DROP DATABASE backorder_state")
+        conn.execute("DROP ROLE backorder_state")
+    again = run(["sh", str(POSTGRES_INIT)], psql_env(stack_postgres), 60)
     assert again.returncode == 0, again.stderr
+    with psycopg.connect(f"{admin} dbname=postgres") as conn:
+        [(owner,)] = conn.execute(
+            "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'backorder_state'"
+        ).fetchall()
+    assert owner == "backorder_state"
+    with psycopg.connect(f"{admin} dbname=mlflow", autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM kept").fetchone() == (1,)
+        conn.execute("DROP TABLE kept")
 
 
 def test_postgres_init_refuses_a_missing_password(stack_postgres: Any) -> None:
-    env = psql_env(stack_postgres, **STACK_PASSWORDS)
+    env = psql_env(stack_postgres)
     env.pop("MLFLOW_DB_PASSWORD")
     result = run(["sh", str(POSTGRES_INIT)], env)
     assert result.returncode == 1
@@ -883,6 +1009,68 @@ def test_airflow_init_migrates_and_writes_the_admin_password(
     stored, users = json.loads(read_back.stdout.strip().splitlines()[-1])
     assert stored == {"admin": ADMIN_PASSWORD}
     assert users == ["admin"]
+
+
+def on_test_server(env: dict[str, str], server: Any) -> dict[str, str]:
+    """A service's BACKORDER_ settings with its state store URL pointed at the test server."""
+    url = env["BACKORDER_STATE_URL"].replace("@postgres:5432/", f"@127.0.0.1:{server.port}/")
+    return {k: v for k, v in env.items() if k.startswith("BACKORDER_")} | {
+        "BACKORDER_STATE_URL": url
+    }
+
+
+def test_app_init_registers_the_metrics_key_once_and_the_app_accepts_it(
+    stack_postgres: Any, services: dict[str, Any], trained_home: Path, tmp_path: Path
+) -> None:
+    """app-init's command as compose runs it, against a database postgres-init made: the state
+    store migrates on PostgreSQL, a second `up` changes nothing, and the app, on the same store,
+    lets Prometheus's token read /metrics and nothing else."""
+    import httpx
+
+    from tests.support.servers import serving
+
+    token = "bo_" + os.urandom(32).hex()
+    token_file = tmp_path / "metrics-token"
+    token_file.write_text(token + "\n")
+    app_init = services["app-init"]
+    [secret_path] = secret_targets(app_init).values()
+    command = [str(token_file) if arg == secret_path else arg for arg in app_init["command"]]
+    assert command != app_init["command"]
+    exe = str(Path(sys.executable).with_name("backorder"))
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("BACKORDER_")},
+        "BACKORDER_HOME": str(tmp_path / "init-home"),
+        **on_test_server(environment(app_init), stack_postgres),
+    }
+    first = run([exe, *command], env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert (
+        first.stdout.strip()
+        == f"key prometheus (metrics) registered with the token in {token_file}"
+    )
+    again = run([exe, *command], env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (
+        again.stdout.strip() == f"key prometheus (metrics) already held the token in {token_file}"
+    )
+    listed = run([exe, "keys", "list", "--json"], env)
+    assert listed.returncode == 0, listed.stderr
+    assert [(k["name"], k["role"]) for k in json.loads(listed.stdout)] == [
+        ("prometheus", "metrics")
+    ]
+    assert token not in first.stdout + again.stdout + listed.stdout
+
+    home = tmp_path / "home"
+    shutil.copytree(trained_home, home)
+    app = on_test_server(environment(services["app"]), stack_postgres)
+    settings = {k: app[k] for k in ("BACKORDER_STATE_URL", "BACKORDER_AUTH")}
+    with serving(home, tmp_path / "serve.log", env=settings) as url:
+        scraped = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {token}"})
+        assert scraped.status_code == 200, scraped.text
+        assert "backorder_http_requests_total" in scraped.text
+        assert httpx.get(f"{url}/metrics").status_code == 401
+        page = httpx.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {token}"})
+        assert page.status_code == 403
 
 
 def test_bucket_job_creates_the_buckets_once(s3_env: Any, services: dict[str, Any]) -> None:

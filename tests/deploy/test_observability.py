@@ -216,10 +216,26 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_promtool_checks_the_config_and_its_rule_files() -> None:
-    result = promtool("check", "config", "prometheus.yml")
+def test_promtool_checks_the_config_and_its_rule_files(tmp_path: Path) -> None:
+    """In full on a copy whose scrape token file exists (the real one is only in the container)
+    and whose rule files are named by absolute path; the file itself as `make ops-check` does."""
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    [app_job] = [job for job in config["scrape_configs"] if job["job_name"] == "backorder-app"]
+    token_file = app_job["authorization"]["credentials_file"]
+    local_token = tmp_path / "metrics-token"
+    local_token.write_text("bo_" + "x" * 40 + "\n")
+    app_job["authorization"]["credentials_file"] = str(local_token)
+    config["rule_files"] = [str(PROMETHEUS_DIR / name) for name in config["rule_files"]]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    result = promtool("check", "config", str(tmp_path / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 rule files found" in result.stdout
+    # As shipped: refused here for the missing token file alone, valid by syntax.
+    missing = promtool("check", "config", "prometheus.yml")
+    assert missing.returncode != 0
+    assert f"{token_file}: no such file" in missing.stdout + missing.stderr
+    syntax = promtool("check", "config", "--syntax-only", "prometheus.yml")
+    assert syntax.returncode == 0, syntax.stdout + syntax.stderr
 
 
 def test_promtool_checks_the_rules() -> None:
