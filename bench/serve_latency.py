@@ -7,6 +7,11 @@ In one run, on loopback:
 3. concurrent: 8 connections for 10 s with wrk (C load generator, 1 thread so that the server
    keeps a core) or, without wrk, 8 Python threads; requests/s, p50 / p99 and errors.
 
+Steps 2 and 3 run against two servers of the same model: `auth: keys` (the default; a Bearer key
+on every request, the rate limiter on with a limit no client reaches) and `auth: none`, in
+alternating blocks of requests so that the machine's noise falls on both alike. The difference
+is what identity and limits cost a request.
+
 The model is trained first with the default settings on both shared samples when they are
 beside the checkout (the production-sized model), else on the bundled sample; say which.
 
@@ -26,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -114,26 +120,40 @@ def floor(home: Path, n: int) -> dict[str, float]:
     }
 
 
-def sequential(url: str, n: int) -> tuple[list[float], int]:
+def sequential(servers: dict[str, Server], n: int, block: int = 100) -> dict[str, list[float]]:
+    """`n` requests to each server, in alternating blocks of `block`; latencies per server."""
     body = {"records": [RECORD]}
-    times, errors = [], 0
-    with httpx.Client(timeout=10) as client:
-        for _ in range(50):
-            client.post(f"{url}/v1/predict", json=body)
-        for _ in range(n):
-            t = time.perf_counter()
-            r = client.post(f"{url}/v1/predict", json=body)
-            times.append(time.perf_counter() - t)
-            errors += r.status_code != 200
-    return times, errors
+    times: dict[str, list[float]] = {name: [] for name in servers}
+    clients = {
+        name: httpx.Client(base_url=s.url, headers=s.headers, timeout=10)
+        for name, s in servers.items()
+    }
+    try:
+        for client in clients.values():
+            for _ in range(50):
+                client.post("/v1/predict", json=body).raise_for_status()
+        for _ in range(0, n, block):
+            for name, client in clients.items():
+                for _ in range(block):
+                    t = time.perf_counter()
+                    r = client.post("/v1/predict", json=body)
+                    times[name].append(time.perf_counter() - t)
+                    r.raise_for_status()
+    finally:
+        for client in clients.values():
+            client.close()
+    return times
 
 
-def concurrent_wrk(url: str, seconds: int, tmp: Path) -> dict[str, float]:
+def concurrent_wrk(server: Server, seconds: int, tmp: Path) -> dict[str, float]:
+    url = server.url
     script = tmp / "post.lua"
+    auth = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in server.headers.items())
     script.write_text(
         'wrk.method = "POST"\n'
         'wrk.headers["Content-Type"] = "application/json"\n'
-        f"wrk.body = {json.dumps(json.dumps({'records': [RECORD]}))}\n"
+        + auth
+        + f"wrk.body = {json.dumps(json.dumps({'records': [RECORD]}))}\n"
         "done = function(summary, latency, requests)\n"
         '  io.write(string.format("RESULT %d %d %d %d %d %f %f\\n", summary.requests,\n'
         "    summary.errors.connect + summary.errors.read + summary.errors.write +\n"
@@ -158,7 +178,7 @@ def concurrent_wrk(url: str, seconds: int, tmp: Path) -> dict[str, float]:
     }
 
 
-def concurrent_python(url: str, seconds: int) -> dict[str, float]:
+def concurrent_python(server: Server, seconds: int) -> dict[str, float]:
     body = {"records": [RECORD]}
     stop = time.perf_counter() + seconds
     times: list[float] = []
@@ -167,10 +187,10 @@ def concurrent_python(url: str, seconds: int) -> dict[str, float]:
 
     def client_loop() -> None:
         local, bad = [], 0
-        with httpx.Client(timeout=10) as client:
+        with httpx.Client(base_url=server.url, headers=server.headers, timeout=10) as client:
             while time.perf_counter() < stop:
                 t = time.perf_counter()
-                r = client.post(f"{url}/v1/predict", json=body)
+                r = client.post("/v1/predict", json=body)
                 local.append(time.perf_counter() - t)
                 bad += r.status_code != 200
         with lock:
@@ -193,6 +213,48 @@ def concurrent_python(url: str, seconds: int) -> dict[str, float]:
     }
 
 
+@dataclass
+class Server:
+    url: str
+    headers: dict[str, str]
+    process: subprocess.Popen[bytes]
+
+
+def start(home: Path, auth: str) -> Server:
+    """`backorder serve` with `auth` (keys: with a fresh viewer key), ready to answer."""
+    port = free_port()
+    headers: dict[str, str] = {}
+    if auth == "keys":
+        from backorder.config import load_settings
+        from backorder.state import StateStore
+
+        with StateStore.open(load_settings(None, home=home)) as store:
+            token = store.create_key(f"bench-{port}", "viewer")
+        headers = {"Authorization": f"Bearer {token}"}
+    env = {
+        **os.environ,
+        "BACKORDER_HOME": str(home),
+        "BACKORDER_AUTH": auth,
+        # On, but out of reach: the limiter's cost is measured, not its refusals.
+        "BACKORDER_RATE_LIMIT_PER_MINUTE": "1000000000",
+    }
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("backorder")), "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return Server(url, headers, process)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000)
@@ -208,31 +270,21 @@ def main() -> int:
             print("training the model to serve ...", flush=True)
             trained_on = train(home)
         f = floor(home, args.requests)
-        port = free_port()
-        env = {**os.environ, "BACKORDER_HOME": str(home)}
-        server = subprocess.Popen(
-            [str(Path(sys.executable).with_name("backorder")), "serve", "--port", str(port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        url = f"http://127.0.0.1:{port}"
+        servers: dict[str, Server] = {}
         try:
-            for _ in range(300):
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.2)
-            seq, seq_errors = sequential(url, args.requests)
-            conc = (
-                concurrent_wrk(url, args.seconds, tmp)
+            for auth in ("keys", "none"):  # one after the other: the first compiles the trees
+                servers[auth] = start(home, auth)
+            seq = sequential(servers, args.requests)
+            conc = {
+                name: concurrent_wrk(server, args.seconds, tmp)
                 if shutil.which("wrk")
-                else concurrent_python(url, args.seconds)
-            )
+                else concurrent_python(server, args.seconds)
+                for name, server in servers.items()
+            }
         finally:
-            server.terminate()
-            server.wait(timeout=20)
+            for server in servers.values():
+                server.process.terminate()
+                server.process.wait(timeout=20)
     ms = 1000.0
     print(f"model: trained on {trained_on}, {f['trees']} trees; 1 uvicorn worker, 2 cores")
     print("| what | p50 | p99 | requests/s | errors |")
@@ -242,18 +294,27 @@ def main() -> int:
         f"| floor: in-process scoring call (validate, features, probability, 3 reasons) "
         f"| {f['call_p50'] * ms:.2f} ms | {f['call_p99'] * ms:.2f} ms | | |"
     )
+    for name in servers:
+        label = "auth keys (Bearer key, rate limiter)" if name == "keys" else "auth none"
+        times = seq[name]
+        print(
+            f"| HTTP, sequential, 1 record with reasons, {label} ({len(times):,} requests) "
+            f"| {pct(times, 50) * ms:.2f} ms | {pct(times, 99) * ms:.2f} ms "
+            f"| {len(times) / sum(times):,.0f} | 0 |"
+        )
+    for name in servers:
+        label = "auth keys" if name == "keys" else "auth none"
+        c = conc[name]
+        print(
+            f"| HTTP, 8 concurrent clients, {label} ({c['tool']}, {args.seconds} s) "
+            f"| {c['p50'] * ms:.2f} ms | {c['p99'] * ms:.2f} ms | {c['rps']:,.0f} "
+            f"| {c['errors']:.0f} |"
+        )
+    added = (statistics.median(seq["keys"]) - statistics.median(seq["none"])) * ms
+    print(f"auth adds {added:+.3f} ms to the sequential p50 (budget: 0.2 ms)")
     print(
-        f"| HTTP, sequential, 1 record with reasons ({args.requests:,} requests) "
-        f"| {pct(seq, 50) * ms:.2f} ms | {pct(seq, 99) * ms:.2f} ms "
-        f"| {len(seq) / sum(seq):,.0f} | {seq_errors} |"
-    )
-    print(
-        f"| HTTP, 8 concurrent clients ({conc['tool']}, {args.seconds} s) "
-        f"| {conc['p50'] * ms:.2f} ms | {conc['p99'] * ms:.2f} ms | {conc['rps']:,.0f} "
-        f"| {conc['errors']:.0f} |"
-    )
-    print(
-        f"ratio sequential p50 / in-process call p50: {statistics.median(seq) / f['call_p50']:.1f}x"
+        "ratio sequential p50 (auth keys) / in-process call p50: "
+        f"{statistics.median(seq['keys']) / f['call_p50']:.1f}x"
     )
     return 0
 
