@@ -241,8 +241,7 @@ class StateStore:
         """The store of `settings`, its folder made (SQLite) and its schema migrated to head."""
         store = cls(settings.resolved_state_url)
         try:
-            store._make_folder()
-            store.migrate()
+            store.prepare()
         except BaseException:
             store.dispose()
             raise
@@ -258,6 +257,11 @@ class StateStore:
         _traceback: TracebackType | None,
     ) -> None:
         self.dispose()
+
+    def prepare(self) -> None:
+        """Make the SQLite folder and migrate the schema to head (what `open` does)."""
+        self._make_folder()
+        self.migrate()
 
     def _make_folder(self) -> None:
         url = self._engine.url

@@ -89,7 +89,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     holder: ModelHolder = app.state.holder
     directory: Directory | None = app.state.directory
     if directory is not None:
-        directory.store.migrate()
+        directory.store.prepare()  # migrations run on start
         directory.start()
     try:
         holder.refresh()  # fail at start-up, loudly, rather than serve 503s forever
