@@ -9,6 +9,7 @@ for a whole router (sign-in, a role) goes where the router is included, e.g.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -26,6 +27,7 @@ from backorder.web.metrics import Metrics
 from backorder.web.middleware import BodyLimit, Observe
 from backorder.web.ops import router as ops_router
 from backorder.web.page import router as page_router
+from backorder.web.workers import Workers
 
 log = logging.getLogger("backorder.serve")
 
@@ -58,6 +60,11 @@ def create_app(settings: Settings, model_ref: str = "champion") -> FastAPI:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     holder: ModelHolder = app.state.holder
+    # Processes for heavy work. `serve` has them load the model before the port opens (their
+    # imports overlap the model load here); an app run in-process (tests) starts each on its
+    # first job.
+    warm = getattr(app.state, "warm_workers", False)
+    workers = app.state.workers = Workers(settings, prepare=warm)
     try:
         holder.refresh()  # fail at start-up, loudly, rather than serve 503s forever
     except ModelNotFoundError as exc:
@@ -65,8 +72,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             raise
         log.warning("no model to serve yet; waiting for one", extra={"reason": str(exc)})
     holder.start_watching(settings.serve_reload_seconds)
-    yield
-    holder.stop()
+    await workers.start(holder.current.version if holder.current else None, wait=warm)
+    try:
+        yield
+    finally:
+        holder.stop()
+        await workers.close()
 
 
 async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -83,8 +94,12 @@ def serve(settings: Settings, host: str, port: int, model_ref: str) -> None:
     import uvicorn  # only the serving process needs the server
 
     configure_json()
+    # Light requests run on the event loop; a thread holding the GIL (a model reload, a sync
+    # route) hands it back after 1 ms instead of 5.
+    sys.setswitchinterval(0.001)
     if not settings.serve_wait_for_model:
         # A missing model is a one-line error here, not a traceback from the server's start-up.
         Registry(settings).resolve(model_ref)
     app = create_app(settings, model_ref)
+    app.state.warm_workers = True
     uvicorn.run(app, host=host, port=port, log_config=json_log_config(), access_log=False)
