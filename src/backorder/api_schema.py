@@ -10,11 +10,19 @@ and produce the same typed values.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    create_model,
+    field_validator,
+)
 
 from backorder.contract import (
     COLUMNS,
@@ -52,8 +60,27 @@ def _perf_share(value: float | None) -> float | None:
     raise ValueError("outside [0, 1] and not the -99 'no history' sentinel")
 
 
+def _sku_text(value: Any) -> Any:
+    """A numeric SKU as text: pandas' ``to_json`` writes Kaggle-style SKUs (3285000) as numbers,
+    and the batch path reads them as text. Booleans, fractions and the rest stay refused."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return value
+
+
+_SKU_SCHEMA = {
+    "anyOf": [{"type": "string", "maxLength": 100}, {"type": "integer"}, {"type": "null"}],
+    "default": None,
+    "description": "SKU identifier (optional); a whole number is read as its digits.",
+    "title": "Sku",
+}
 _fields: dict[str, Any] = {
-    SKU: (str | None, Field(None, max_length=100, description="SKU identifier (optional)."))
+    SKU: (
+        Annotated[str | None, BeforeValidator(_sku_text), WithJsonSchema(_SKU_SCHEMA)],
+        Field(None, max_length=100),
+    )
 }
 _fields.update({spec.name: _field(spec) for spec in COLUMNS if spec.name in FEATURE_COLUMNS})
 
@@ -118,6 +145,24 @@ class PredictResponse(BaseModel):
     model_version: str
     threshold: float
     predictions: list[PredictionOut]
+
+
+class FieldProblem(BaseModel):
+    loc: list[str | int] = Field(description='Where: e.g. ["body", "records", 3, "lead_time"].')
+    msg: str
+    type: str
+
+
+class InvalidRequest(BaseModel):
+    """422: what is wrong with the request, field by field."""
+
+    detail: list[FieldProblem]
+
+
+class Problem(BaseModel):
+    """An error with a one-line reason (413, 429, 503, ...)."""
+
+    detail: str
 
 
 class ModelInfo(BaseModel):

@@ -283,6 +283,15 @@ class Settings(BaseSettings):
     )
     # A lambda, not the class, so that mypy's pydantic plugin sees a zero-argument factory.
     lightgbm: LightGBMSettings = Field(default_factory=lambda: LightGBMSettings())  # noqa: PLW0108
+    serve_workers: int = Field(
+        1,
+        ge=1,
+        description=(
+            "`backorder serve`: worker processes for heavy API requests (many records, or "
+            "TreeSHAP reasons), so that they never delay light ones; uploads have their own "
+            "(upload_concurrency)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _derived_features_exist(self) -> Settings:

@@ -9,6 +9,7 @@ for a whole router (sign-in, a role) goes where the router is included, e.g.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -32,6 +33,7 @@ from backorder.web.middleware import BodyLimit, Observe
 from backorder.web.ops import router as ops_router
 from backorder.web.page import router as page_router
 from backorder.web.signin import router as signin_router
+from backorder.web.workers import Workers
 
 STATIC = Path(__file__).parent.parent / "static"
 log = logging.getLogger("backorder.serve")
@@ -91,6 +93,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if directory is not None:
         directory.store.prepare()  # migrations run on start
         directory.start()
+    # Processes for heavy work. `serve` has them load the model before the port opens (their
+    # imports overlap the model load here); an app run in-process (tests) starts each on its
+    # first job.
+    warm = getattr(app.state, "warm_workers", False)
+    workers = app.state.workers = Workers(settings, prepare=warm)
     try:
         holder.refresh()  # fail at start-up, loudly, rather than serve 503s forever
     except ModelNotFoundError as exc:
@@ -98,10 +105,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             raise
         log.warning("no model to serve yet; waiting for one", extra={"reason": str(exc)})
     holder.start_watching(settings.serve_reload_seconds)
-    yield
-    holder.stop()
-    if directory is not None:
-        directory.stop()
+    await workers.start(holder.current.version if holder.current else None, wait=warm)
+    try:
+        yield
+    finally:
+        holder.stop()
+        await workers.close()
+        if directory is not None:
+            directory.stop()
 
 
 async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -123,12 +134,16 @@ def serve(settings: Settings, host: str, port: int, model_ref: str) -> None:
             "use auth: keys (the default) or proxy"
         )
     configure_json()
+    # Light requests run on the event loop; a thread holding the GIL (a model reload, a sync
+    # route) hands it back after 1 ms instead of 5.
+    sys.setswitchinterval(0.001)
     if settings.auth == "keys" and is_loopback(host):
         _welcome(settings, f"http://{host}:{port}")
     if not settings.serve_wait_for_model:
         # A missing model is a one-line error here, not a traceback from the server's start-up.
         Registry(settings).resolve(model_ref)
     app = create_app(settings, model_ref)
+    app.state.warm_workers = True
     uvicorn.run(app, host=host, port=port, log_config=json_log_config(), access_log=False)
 
 

@@ -399,7 +399,8 @@ async def check_csrf(request: Request, principal: Principal) -> None:
     other body (text, or none) must bring the header: browsers send those cross-site too."""
     sent = request.headers.get("x-csrf-token")
     if sent is None and "form" in request.headers.get("content-type", ""):
-        sent = str((await request.form()).get(CSRF_FIELD, ""))
+        # The same limits as the upload's own read (uploads.py): the parsed form is cached.
+        sent = str((await request.form(max_files=1, max_fields=50)).get(CSRF_FIELD, ""))
     if (
         not sent
         or not principal.csrf_token

@@ -38,18 +38,34 @@ class BodyLimit:
             await _send_413(send, limit)
             return
         seen = 0
+        refused = False
 
         async def counted() -> Message:
-            nonlocal seen
+            nonlocal seen, refused
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > limit:
+                refused = True
                 raise _TooLarge(limit)
             return message
 
+        started = False
+
+        async def unless_refused(message: Message) -> None:
+            # Whatever the app makes of the exception raised in `counted` (Starlette's form
+            # parser and FastAPI's body reader turn it into a 400), the answer is our 413.
+            nonlocal started
+            if refused and not started:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
+            await self.app(scope, counted, unless_refused)
+        except Exception:
+            if not refused:
+                raise
+        if refused and not started:
             await _send_413(send, limit)
 
 

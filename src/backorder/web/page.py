@@ -3,24 +3,21 @@ compared with the previous one) and small batch uploads (``/upload``, a zip of s
 
 from __future__ import annotations
 
-import html
-import io
 import json
-import tempfile
-import zipfile
+import shutil
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, File, Request, UploadFile
-from fastapi.responses import HTMLResponse, Response
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
+from starlette.background import BackgroundTask
 
 from backorder.api_schema import SkuRecord, records_frame
 from backorder.contract import COLUMNS, FEATURE_COLUMNS, SKU
-from backorder.errors import BackorderError
 from backorder.explain import PLANNER_LABELS
-from backorder.predict import predict_file, score_with_reasons
+from backorder.predict import score_with_reasons
 from backorder.web.auth import (
     allows,
     came_over_tls,
@@ -32,6 +29,8 @@ from backorder.web.auth import (
 from backorder.web.deps import HolderDep, MetricsDep, SettingsDep
 from backorder.web.holder import FORM_DEFAULTS, ModelHolder
 from backorder.web.middleware import UPLOAD_LIMIT
+from backorder.web.uploads import Refusal, download_disposition, receive_and_score
+from backorder.web.workers import WorkersDep
 
 TEMPLATES = Path(__file__).parent.parent / "templates"
 templates = Jinja2Templates(directory=str(TEMPLATES))
@@ -93,41 +92,35 @@ async def page_predict(
 
 
 @router.post("/upload", include_in_schema=False, dependencies=[Depends(require("planner"))])
-def upload(
+async def upload(
     request: Request,
-    file: Annotated[UploadFile, File()],
     holder: HolderDep,
     settings: SettingsDep,
     metrics: MetricsDep,
+    workers: WorkersDep,
 ) -> Response:
+    """Score an uploaded file into a zip, streamed from disk; a refusal (limits, format, busy,
+    time) renders the page with its one-line reason. The form is read by ``uploads``, after an
+    upload worker is free: a busy server answers without reading the body."""
     model = holder.require()
-    name = Path(file.filename or "batch.csv").name
-    with tempfile.TemporaryDirectory(prefix="backorder-upload-") as tmp:
-        source = Path(tmp) / name
-        source.write_bytes(file.file.read())
-        out = Path(tmp) / "predictions.csv"
-        try:
-            summary = predict_file(source, out, model, settings, rejects=Path(tmp) / "rejects.csv")
-        except BackorderError as exc:
+    outcome = await receive_and_score(request, workers, settings, model.version)
+    if isinstance(outcome, Refusal):
+        if outcome.bad_input:
             metrics.rejected.labels("upload").inc()
-            message = str(exc).replace(str(source), name)  # not the server's temp path
-            return render(request, holder, {"upload_error": message}, status=422)
-        metrics.rejected.labels("upload").inc(summary.rejected)
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-            archive.write(out, "predictions.csv")
-            archive.write(Path(tmp) / "rejects.csv", "rejects.csv")
-            archive.writestr("summary.txt", summary.line() + "\n")
-    stem = html.escape(Path(name).stem.split(".")[0] or "batch")
-    return Response(
-        buffer.getvalue(),
+        page = render(request, holder, {"upload_error": outcome.message}, status=outcome.status)
+        page.headers.update(outcome.headers)
+        return page
+    metrics.rejected.labels("upload").inc(outcome.counts.rejected)
+    return FileResponse(
+        outcome.archive,
         media_type="application/zip",
         headers={
-            "content-disposition": f'attachment; filename="{stem}-scored.zip"',
-            "x-rows-read": str(summary.read),
-            "x-rows-scored": str(summary.scored),
-            "x-rows-rejected": str(summary.rejected),
+            "content-disposition": download_disposition(outcome.name),
+            "x-rows-read": str(outcome.counts.read),
+            "x-rows-scored": str(outcome.counts.scored),
+            "x-rows-rejected": str(outcome.counts.rejected),
         },
+        background=BackgroundTask(shutil.rmtree, outcome.folder, ignore_errors=True),
     )
 
 
@@ -174,11 +167,14 @@ def _result_view(scores: Any, version: str) -> dict[str, Any]:
 
 
 def _previous(form: Any, values: dict[str, str]) -> dict[str, Any] | None:
-    """The what-if: the last result and which fields changed since, carried in hidden fields."""
+    """The what-if: the last result and which fields changed since, carried in hidden fields.
+    Hidden fields can be edited: anything but a probability and an object of values is ignored."""
     try:
         probability = float(str(form.get("previous_probability", "")))
         before = json.loads(str(form.get("previous_values", "")))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: deeply nested JSON
+        return None
+    if not isinstance(before, dict) or not 0.0 <= probability <= 1.0:  # also refuses nan
         return None
     changed = [
         {"label": PLANNER_LABELS.get(k, k), "before": before.get(k), "after": v}
