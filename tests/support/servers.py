@@ -216,22 +216,25 @@ def running(
 
 
 @contextlib.contextmanager
-def serving(home: Path, log_path: Path, timeout: float = 60) -> Iterator[str]:
+def serving(
+    home: Path, log_path: Path, timeout: float = 60, env: dict[str, str] | None = None
+) -> Iterator[str]:
     """`backorder serve` for the registry in `home`, as a real process on a free loopback port,
-    until `/readyz` answers 200; yields its URL."""
+    until `/readyz` answers 200; yields its URL. `env` adds variables (BACKORDER_* settings)."""
     import httpx
 
     port = free_port()
     url = f"http://{HOST}:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKORDER_")}
-    env["BACKORDER_HOME"] = str(home)
+    server_env = {k: v for k, v in os.environ.items() if not k.startswith("BACKORDER_")}
+    server_env["BACKORDER_HOME"] = str(home)
+    server_env.update(env or {})
     exe = str(Path(sys.executable).with_name("backorder"))
     with running(
         [exe, "serve", "--host", HOST, "--port", str(port)],
         log_path,
         lambda: httpx.get(f"{url}/readyz", timeout=2).raise_for_status(),
         "backorder serve",
-        env=env,
+        env=server_env,
         timeout=timeout,
     ):
         yield url
