@@ -320,3 +320,77 @@ def test_an_unhandled_error_is_a_500_with_the_security_headers(trained_settings:
     assert response.status_code == 500 and response.json()["detail"] == "internal error"
     assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
     assert response.headers["referrer-policy"] == "no-referrer"
+
+
+@pytest.mark.parametrize(
+    ("name", "header"),
+    [
+        ("new_batch.csv.gz", 'attachment; filename="new_batch-scored.zip"'),
+        (
+            "прогноз.csv",
+            "attachment; filename=\"batch-scored.zip\"; filename*=UTF-8''"
+            "%D0%BF%D1%80%D0%BE%D0%B3%D0%BD%D0%BE%D0%B7-scored.zip",
+        ),
+        (
+            'a"b\\c.csv',
+            "attachment; filename=\"a_b_c-scored.zip\"; filename*=UTF-8''a%22b%5Cc-scored.zip",
+        ),
+        (".hidden.csv", 'attachment; filename="batch-scored.zip"'),
+    ],
+)
+def test_the_download_is_named_after_the_upload(name: str, header: str) -> None:
+    from backorder.web.uploads import download_disposition
+
+    assert download_disposition(name) == header
+
+
+@pytest.mark.parametrize(
+    ("given", "name"),
+    [("batch.csv", "batch.csv"), ("C:\\data\\batch.csv", "batch.csv"), ("../../x.csv", "x.csv")],
+)
+def test_an_upload_name_is_its_last_path_part(given: str, name: str) -> None:
+    from backorder.web.uploads import upload_name
+
+    assert upload_name(given) == name
+
+
+@pytest.mark.parametrize("given", [None, "", " ", ".", "..", "a/", "a\x00b.csv", "x" * 256])
+def test_unusable_upload_names_are_refused(given: str | None) -> None:
+    from backorder.web.uploads import upload_name
+
+    with pytest.raises(ValueError, match=r"file|choose"):
+        upload_name(given)
+
+
+def test_chunked_bodies_over_the_limit_are_413(client: TestClient) -> None:
+    """Without Content-Length the body is counted as it arrives; the form parser must not turn
+    the refusal into a 400."""
+
+    def chunks(head: bytes, size: int) -> Any:
+        yield head
+        for _ in range(size // (64 << 10)):
+            yield b"7" * (64 << 10)
+
+    head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.csv"\r\n\r\n'
+    for path, content_type, first, size in [
+        ("/upload", "multipart/form-data; boundary=b", head, 11 << 20),
+        ("/v1/predict", "application/json", b'{"records": [', 2 << 20),
+    ]:
+        response = client.post(
+            path, content=chunks(first, size), headers={"content-type": content_type}
+        )
+        assert response.status_code == 413, (path, response.text[:200])
+        assert "larger than" in response.json()["detail"]
+
+
+def test_edited_what_if_fields_are_ignored(client: TestClient) -> None:
+    form = {k: str(v) for k, v in FORM_DEFAULTS.items()}
+    for hidden in [
+        {"previous_values": "[]", "previous_probability": "0.2"},
+        {"previous_values": "5", "previous_probability": "0.2"},
+        {"previous_values": "{}", "previous_probability": "abc"},
+        {"previous_values": "{}", "previous_probability": "nan"},
+    ]:
+        response = client.post("/", data=form | hidden)
+        assert response.status_code == 200 and 'id="probability"' in response.text
+        assert 'id="whatif"' not in response.text

@@ -67,8 +67,10 @@ class Principal:
 
     @property
     def ambient(self) -> bool:
-        """Authenticated by something the browser sends on its own (so forms need CSRF)."""
-        return self.via != "key"
+        """Authenticated by something the browser sends on its own (so forms need CSRF). Not
+        ``none``: it identifies nobody, so a forged form gains nothing a direct one would not
+        (and ``none`` only listens on loopback, behind the trusted-hosts check)."""
+        return self.via in ("session", "proxy")
 
 
 def allows(role: Role | None, needed: Role) -> bool:
@@ -279,8 +281,7 @@ class Identify:
 
     def _principal(self, scope: Scope, headers: dict[bytes, bytes]) -> Principal | None:
         if self.mode == "none":
-            csrf = _cookies(headers.get(b"cookie", b"")).get(CSRF_COOKIE)
-            return Principal("anonymous", "admin", "none", csrf_token=csrf)
+            return Principal("anonymous", "admin", "none")
         authorization = headers.get(b"authorization")
         if authorization is not None and self.directory is not None:
             scheme, _, token = authorization.decode("latin-1").partition(" ")

@@ -42,10 +42,10 @@ def render(
 ) -> HTMLResponse:
     model = holder.current
     principal = principal_of(request)
-    # Cookie-authenticated forms need a CSRF token: the session's, or (auth none/proxy) a
+    # Cookie-authenticated forms need a CSRF token: the session's, or (auth proxy) a
     # double-submit cookie set here the first time.
     csrf = principal.csrf_token if principal else None
-    fresh_csrf = principal is not None and principal.via in ("none", "proxy") and not csrf
+    fresh_csrf = principal is not None and principal.via == "proxy" and not csrf
     if fresh_csrf:
         csrf = new_csrf_token()
     base = {
