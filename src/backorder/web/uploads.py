@@ -56,8 +56,8 @@ RETRY_AFTER_SECONDS = 5
 INPUT_STATUSES = frozenset({413, 415, 422})  # refusals that count as rejected input
 # Recognised by their first bytes, and refused: what they are, for the message.
 UNSUPPORTED: dict[bytes, str] = {
-    b"PK\x03\x04": "a ZIP archive or Excel workbook; export it as CSV",
-    b"\xd0\xcf\x11\xe0": "an Excel 97-2003 workbook; export it as CSV",
+    b"PK\x03\x04": "a ZIP archive or Excel workbook (export it as CSV)",
+    b"\xd0\xcf\x11\xe0": "an Excel 97-2003 workbook (export it as CSV)",
     b"BZh": "bzip2-compressed",
     b"\xfd7zXZ\x00": "xz-compressed",
     b"\x28\xb5\x2f\xfd": "zstd-compressed",

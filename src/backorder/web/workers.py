@@ -396,8 +396,9 @@ class Workers:
         values = settings.model_dump()
         # One thread a worker: the cores are shared with the server and the other workers.
         values["lightgbm"] = {**values["lightgbm"], "n_jobs": 1}
+        # Threads that wait on workers (a job's reply, a start, a reap): a few per worker.
         self._threads = ThreadPoolExecutor(
-            max_workers=2 * (settings.serve_workers + settings.upload_concurrency),
+            max_workers=3 * (settings.serve_workers + settings.upload_concurrency),
             thread_name_prefix="scoring-worker-pipe",
         )
         self.predict = WorkerPool(
