@@ -38,7 +38,7 @@ serve: setup
 	$(BIN)/backorder serve
 
 test: setup
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check src tests bench scripts dags deploy
@@ -86,7 +86,7 @@ bench-scoring: setup
 
 # Refresh the screenshot of the page in the docs (the browser test saves it).
 screenshot: setup
-	SAVE_SCREENSHOT=$(CURDIR)/docs/guide/web-page.png $(BIN)/python -m pytest -q tests/test_live_server.py -k browser
+	SAVE_SCREENSHOT=$(CURDIR)/docs/guide/web-page.png $(BIN)/python -m pytest -q tests/test_live_server.py -k browser_signs_in
 
 # The documentation site (mkdocs.yml, docs/) with live reload on http://127.0.0.1:8001.
 docs: setup
