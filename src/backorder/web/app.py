@@ -137,11 +137,12 @@ def serve(settings: Settings, host: str, port: int, model_ref: str) -> None:
     # Light requests run on the event loop; a thread holding the GIL (a model reload, a sync
     # route) hands it back after 1 ms instead of 5.
     sys.setswitchinterval(0.001)
+    if not settings.serve_wait_for_model:
+        # A missing model is a one-line error here, not a traceback from the server's start-up
+        # (and before a first key is made for a server that cannot start).
+        Registry(settings).resolve(model_ref)
     if settings.auth == "keys" and is_loopback(host):
         _welcome(settings, f"http://{host}:{port}")
-    if not settings.serve_wait_for_model:
-        # A missing model is a one-line error here, not a traceback from the server's start-up.
-        Registry(settings).resolve(model_ref)
     app = create_app(settings, model_ref)
     app.state.warm_workers = True
     uvicorn.run(app, host=host, port=port, log_config=json_log_config(), access_log=False)
