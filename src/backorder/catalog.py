@@ -34,6 +34,7 @@ import pandas as pd
 from backorder.errors import InputFileError
 from backorder.io import TABLE_SUFFIXES, copy_atomic, table_suffix, write_json_atomic
 from backorder.predict import new_batch_id
+from backorder.uris import redact, redact_fields, redact_text
 
 LABELLED, UNSCORED, PREDICTIONS, REJECTS, REPORTS, MANIFEST, METRICS = (
     "labelled",
@@ -77,6 +78,10 @@ class Landing:
     def uri(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
+    def shown(self, *parts: str) -> str:
+        """``uri(*parts)`` as messages, logs and the manifest show it: without a password."""
+        return redact(self.uri(*parts))
+
     def _listing(self, folder: str) -> list[str]:
         path = f"{self.base}/{folder}"
         try:
@@ -84,7 +89,8 @@ class Landing:
         except FileNotFoundError:
             return []
         except Exception as exc:
-            raise InputFileError(f"{self.uri(folder)}: cannot be listed ({exc})") from None
+            reason = redact_text(str(exc), self.root)
+            raise InputFileError(f"{self.shown(folder)}: cannot be listed ({reason})") from None
 
     def batches(self, kind: str) -> dict[str, str]:
         """Batch id -> URI of each landed file of ``kind``, oldest first.
@@ -98,7 +104,7 @@ class Landing:
             if batch is not None and not name.startswith("."):
                 if batch in found:
                     raise InputFileError(
-                        f"{self.uri(kind)}: batch {batch} landed twice ({name} and "
+                        f"{self.shown(kind)}: batch {batch} landed twice ({name} and "
                         f"{Path(found[batch]).name}); remove one"
                     )
                 found[batch] = self.uri(kind, name)
@@ -114,10 +120,10 @@ class Landing:
         name = Path(str(source)).name.lower()
         suffix = table_suffix(name)
         if suffix is None:
-            raise InputFileError(f"{source}: land CSV, CSV.gz or Parquet files")
+            raise InputFileError(f"{redact(str(source))}: land CSV, CSV.gz or Parquet files")
         existing = self.batches(kind).get(batch_id)
         if existing is not None:
-            raise InputFileError(f"{existing}: batch {batch_id} has landed already")
+            raise InputFileError(f"{redact(existing)}: batch {batch_id} has landed already")
         target = self.uri(kind, batch_id + suffix)
         copy_atomic(source, target)
         return target
@@ -125,7 +131,8 @@ class Landing:
     # -- the manifest --------------------------------------------------------------------------
     def record(self, job: str, batch_id: str, record: dict[str, Any]) -> str:
         uri = self.uri(MANIFEST, job, f"{batch_id}.json")
-        write_json_atomic(uri, {"batch_id": batch_id, "job": job, **record})
+        # The manifest is for people and dashboards: URIs in it keep no password.
+        write_json_atomic(uri, redact_fields({"batch_id": batch_id, "job": job, **record}))
         return uri
 
     def records(self, job: str) -> dict[str, dict[str, Any]]:
@@ -150,7 +157,7 @@ def batch_uri(root: str, batch_id: str, kind: str = UNSCORED) -> str:
     landing = Landing(root)
     uri = landing.batches(kind).get(batch_id)
     if uri is None:
-        raise InputFileError(f"{landing.uri(kind)}: no batch {batch_id}")
+        raise InputFileError(f"{landing.shown(kind)}: no batch {batch_id}")
     return uri
 
 

@@ -26,8 +26,9 @@ import fsspec
 import fsspec.core
 
 from backorder.config import Settings
-from backorder.errors import BackorderError, InputFileError
+from backorder.errors import BackorderError, InputFileError, first_line
 from backorder.io import is_remote, table_suffix, write_json_atomic
+from backorder.uris import redact, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,10 @@ def partitions(uri: str) -> list[str]:
     try:
         names = sorted(str(p) for p in fs.ls(path, detail=False))
     except FileNotFoundError:
-        raise InputFileError(f"{uri}: folder not found") from None
+        raise InputFileError(f"{redact(uri)}: folder not found") from None
     except Exception as exc:
-        raise InputFileError(f"{uri}: cannot be listed ({exc})") from None
+        reason = redact_text(first_line(exc), uri)
+        raise InputFileError(f"{redact(uri)}: cannot be listed ({reason})") from None
     protocol = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
     found = [
         protocol + name
@@ -52,7 +54,7 @@ def partitions(uri: str) -> list[str]:
         and ".rejects." not in Path(name).name
     ]
     if not found:
-        raise InputFileError(f"{uri}: no Parquet or CSV files to score")
+        raise InputFileError(f"{redact(uri)}: no Parquet or CSV files to score")
     return found
 
 
@@ -84,7 +86,7 @@ def score_partition(
         batch_id=batch_id,
     )
     return {
-        "partition": partition,
+        "partition": redact(partition),
         "output": summary.output,
         "rejects": summary.rejects,
         "model_version": summary.model_version,
@@ -181,8 +183,8 @@ def predict_partitioned(  # noqa: PLR0913 -- one run's input, outputs, model and
         raise RuntimeError(f"row counts do not reconcile: {totals}")
     summary = {
         "batch_id": batch_id,
-        "input": input_uri,
-        "output": output_uri,
+        "input": redact(input_uri),
+        "output": redact(output_uri),
         "model_version": version,
         "partitions": sorted(results, key=lambda r: r["partition"]),
         **totals,

@@ -34,18 +34,24 @@ from backorder.contract import (
     require_columns,
 )
 from backorder.errors import BackorderError, InputFileError, OutputError, first_line
-from backorder.uris import is_mongo, redact, split_table
+from backorder.uris import encoded_credentials, is_mongo, redact, redact_text, split_table
 
 BATCH_ID = "batch_id"
 RUN_ID = "run_id"
 
 
 def sqlalchemy_url(uri: str) -> str:
+    # Credentials encoded: a raw '@' or ':' in a password must not reach the host or port.
+    scheme, _, rest = encoded_credentials(uri).partition("://")
     # psycopg 3 is the driver we ship; plain postgresql:// would ask SQLAlchemy for psycopg2.
-    scheme, _, rest = uri.partition("://")
     if scheme in ("postgresql", "postgres"):
         return f"postgresql+psycopg://{rest}"
-    return uri
+    return f"{scheme}://{rest}"
+
+
+def _reason(exc: BaseException, uri: str) -> str:
+    """A driver's reason, on one line, without the secrets of ``uri``."""
+    return redact_text(first_line(exc), uri)
 
 
 class DatabaseInput:
@@ -65,6 +71,9 @@ class DatabaseInput:
     @property
     def name(self) -> str:
         return f"{redact(self.base)}#{self.table}"
+
+    def _why(self, exc: BaseException) -> str:
+        return _reason(exc, self.base)
 
     def _open(self) -> list[str]:
         raise NotImplementedError
@@ -106,7 +115,7 @@ class SqlInput(DatabaseInput):
         except sa.exc.NoSuchTableError:
             raise InputFileError(f"{self.name}: table not found") from None
         except (sa.exc.SQLAlchemyError, ImportError, ValueError) as exc:
-            raise InputFileError(f"{self.name}: cannot be read ({first_line(exc)})") from None
+            raise InputFileError(f"{self.name}: cannot be read ({self._why(exc)})") from None
         return [c.name for c in self._table.columns]
 
     def _batches(self) -> Iterator[list[tuple[Any, ...]]]:
@@ -121,7 +130,7 @@ class SqlInput(DatabaseInput):
                 for partition in result.partitions(self.block_rows):
                     yield [tuple(row) for row in partition]
         except sa.exc.SQLAlchemyError as exc:
-            raise InputFileError(f"{self.name}: cannot be read ({first_line(exc)})") from None
+            raise InputFileError(f"{self.name}: cannot be read ({self._why(exc)})") from None
         finally:
             self._engine.dispose()
 
@@ -135,13 +144,13 @@ def _mongo_database(uri: str) -> tuple[Any, Any]:
     """A client and the database the URI names (``mongodb://host:port/DB``)."""
     import pymongo
 
-    client: Any = pymongo.MongoClient(uri, serverSelectionTimeoutMS=10_000)
+    client: Any = pymongo.MongoClient(encoded_credentials(uri), serverSelectionTimeoutMS=10_000)
     return client, client.get_default_database()
 
 
 @contextlib.contextmanager
 def _mongo_errors(
-    name: str, failing: str, error: type[BackorderError] = InputFileError
+    name: str, uri: str, failing: str, error: type[BackorderError] = InputFileError
 ) -> Iterator[None]:
     """pymongo's errors as one line naming the collection: a URI without a database, or
     ``failing`` ("cannot be read") with the server's reason."""
@@ -150,15 +159,17 @@ def _mongo_errors(
     try:
         yield
     except pymongo.errors.ConfigurationError as exc:
-        raise InputFileError(f"{name}: name the database in the URI ({first_line(exc)})") from None
+        raise InputFileError(
+            f"{name}: name the database in the URI ({_reason(exc, uri)})"
+        ) from None
     except pymongo.errors.PyMongoError as exc:
-        raise error(f"{name}: {failing} ({first_line(exc)})") from None
+        raise error(f"{name}: {failing} ({_reason(exc, uri)})") from None
 
 
 class MongoInput(DatabaseInput):
     def _open(self) -> list[str]:
 
-        with _mongo_errors(self.name, "cannot be read"):
+        with _mongo_errors(self.name, self.base, "cannot be read"):
             self._client, database = _mongo_database(self.base)
             if self.table not in database.list_collection_names():
                 raise InputFileError(f"{self.name}: collection not found")
@@ -184,7 +195,7 @@ class MongoInput(DatabaseInput):
             if batch:
                 yield batch
         except pymongo.errors.PyMongoError as exc:
-            raise InputFileError(f"{self.name}: cannot be read ({first_line(exc)})") from None
+            raise InputFileError(f"{self.name}: cannot be read ({self._why(exc)})") from None
         finally:
             self._client.close()
 
@@ -239,6 +250,9 @@ class DatabaseOutput:
     @property
     def name(self) -> str:
         return f"{redact(self.base)}#{self.table}"
+
+    def _why(self, exc: BaseException) -> str:
+        return _reason(exc, self.base)
 
     def __str__(self) -> str:
         return self.name
@@ -299,7 +313,7 @@ class SqlOutput(DatabaseOutput):
             )
         except sa.exc.SQLAlchemyError as exc:
             self.abort()
-            raise OutputError(f"{self.name}: cannot be written ({first_line(exc)})") from None
+            raise OutputError(f"{self.name}: cannot be written ({self._why(exc)})") from None
 
     def _check_columns(self) -> None:
         import sqlalchemy as sa
@@ -323,7 +337,7 @@ class SqlOutput(DatabaseOutput):
         try:
             self._connection.execute(self._table.insert(), records)
         except sa.exc.SQLAlchemyError as exc:
-            raise OutputError(f"{self.name}: cannot be written ({first_line(exc)})") from None
+            raise OutputError(f"{self.name}: cannot be written ({self._why(exc)})") from None
         self.rows += len(frame)
 
     def commit(self) -> None:
@@ -332,7 +346,7 @@ class SqlOutput(DatabaseOutput):
         try:
             self._transaction.commit()
         except sa.exc.SQLAlchemyError as exc:
-            raise OutputError(f"{self.name}: commit failed ({first_line(exc)})") from None
+            raise OutputError(f"{self.name}: commit failed ({self._why(exc)})") from None
         finally:
             self._close()
 
@@ -367,7 +381,7 @@ class MongoOutput(DatabaseOutput):
 
         super().__init__(uri, template, batch_id, rejects)
         self.run_id = uuid.uuid4().hex
-        with _mongo_errors(self.name, "cannot be written", OutputError):
+        with _mongo_errors(self.name, self.base, "cannot be written", OutputError):
             self._client, database = _mongo_database(self.base)
             self._collection = database[self.table]
             self._collection.create_index(
@@ -389,7 +403,7 @@ class MongoOutput(DatabaseOutput):
         try:
             self._collection.insert_many(records, ordered=False)
         except pymongo.errors.PyMongoError as exc:
-            raise OutputError(f"{self.name}: cannot be written ({first_line(exc)})") from None
+            raise OutputError(f"{self.name}: cannot be written ({self._why(exc)})") from None
         self.rows += len(frame)
 
     def commit(self) -> None:
@@ -398,7 +412,7 @@ class MongoOutput(DatabaseOutput):
         try:
             self._collection.delete_many({BATCH_ID: self.batch_id, RUN_ID: {"$ne": self.run_id}})
         except pymongo.errors.PyMongoError as exc:
-            raise OutputError(f"{self.name}: commit failed ({first_line(exc)})") from None
+            raise OutputError(f"{self.name}: commit failed ({self._why(exc)})") from None
         finally:
             self._client.close()
 

@@ -53,6 +53,7 @@ from backorder.uris import (
     is_database,
     is_remote,
     redact,
+    redact_text,
     split_table,
     table_format,
     table_suffix,
@@ -94,6 +95,7 @@ class InputTable:
 
     def __init__(self, uri: str | Path, block_bytes: int = 8 << 20) -> None:
         self.uri = str(uri)
+        self.name = redact(self.uri)  # what messages call it: never with its password
         self.block_bytes = block_bytes
         self._raw_handle: Any = None
         self._header_only = False
@@ -101,16 +103,20 @@ class InputTable:
         try:
             info = self._fs.info(self._path)
         except FileNotFoundError:
-            raise InputFileError(f"{self.uri}: file not found") from None
+            raise InputFileError(f"{self.name}: file not found") from None
         except OSError as exc:
-            raise InputFileError(f"{self.uri}: cannot be opened ({exc.strerror or exc})") from None
+            raise InputFileError(
+                f"{self.name}: cannot be opened ({self._why(exc.strerror or exc)})"
+            ) from None
         except Exception as exc:
-            raise InputFileError(f"{self.uri}: cannot be opened ({first_line(exc)})") from None
+            raise InputFileError(
+                f"{self.name}: cannot be opened ({self._why(first_line(exc))})"
+            ) from None
         if info.get("type") == "directory":
-            raise InputFileError(f"{self.uri}: is a directory, expected a CSV or Parquet file")
+            raise InputFileError(f"{self.name}: is a directory, expected a CSV or Parquet file")
         self.size_bytes: int = int(info.get("size") or 0)
         if self.size_bytes == 0:
-            raise InputFileError(f"{self.uri}: file is empty")
+            raise InputFileError(f"{self.name}: file is empty")
         head = self._read_head()
         self.compressed = head.startswith(GZIP_MAGIC)
         if self.compressed:
@@ -120,14 +126,19 @@ class InputTable:
             self._open_parquet()
         elif head.startswith(ZIP_MAGIC):
             raise InputFileError(
-                f"{self.uri}: is a ZIP or Excel workbook, not CSV or Parquet; export it as CSV"
+                f"{self.name}: is a ZIP or Excel workbook, not CSV or Parquet; export it as CSV"
             )
         else:
             self.format = "csv"
             self._sniff_csv(head)
         self._check_columns()
         if self._header_only:
-            raise InputFileError(f"{self.uri}: has a header but no data rows")
+            raise InputFileError(f"{self.name}: has a header but no data rows")
+
+    def _why(self, reason: object) -> str:
+        """A library's reason, without the secrets of this input's URI (S3 names a bad bucket,
+        credentials and all)."""
+        return redact_text(str(reason), self.uri)
 
     # -- opening -------------------------------------------------------------------------------
     def _read_head(self) -> bytes:
@@ -135,7 +146,9 @@ class InputTable:
             with self._fs.open(self._path, "rb") as handle:
                 return bytes(handle.read(SNIFF_BYTES))
         except OSError as exc:
-            raise InputFileError(f"{self.uri}: cannot be read ({exc.strerror or exc})") from None
+            raise InputFileError(
+                f"{self.name}: cannot be read ({self._why(exc.strerror or exc)})"
+            ) from None
 
     def _gunzip_prefix(self, head: bytes) -> bytes:
         # Decompress only what the sniffed bytes hold; the stream may continue past them.
@@ -143,9 +156,9 @@ class InputTable:
         try:
             text = decompressor.decompress(head, SNIFF_BYTES)
         except zlib.error:
-            raise InputFileError(f"{self.uri}: gzip data is corrupt") from None
+            raise InputFileError(f"{self.name}: gzip data is corrupt") from None
         if len(head) == self.size_bytes and not decompressor.eof and len(text) < SNIFF_BYTES:
-            raise InputFileError(f"{self.uri}: cannot be read (gzip data is truncated)")
+            raise InputFileError(f"{self.name}: cannot be read (gzip data is truncated)")
         return text
 
     def _open_parquet(self) -> None:
@@ -156,35 +169,35 @@ class InputTable:
                 self.total_rows: int | None = parquet.metadata.num_rows
         except (pa.ArrowException, OSError) as exc:
             raise InputFileError(
-                f"{self.uri}: not a readable Parquet file ({first_line(exc)})"
+                f"{self.name}: not a readable Parquet file ({self._why(first_line(exc))})"
             ) from None
         if self.total_rows == 0:
-            raise InputFileError(f"{self.uri}: Parquet file has no rows")
+            raise InputFileError(f"{self.name}: Parquet file has no rows")
 
     def _sniff_csv(self, head: bytes) -> None:
         if head.startswith((b"\xff\xfe", b"\xfe\xff")):
-            raise InputFileError(f"{self.uri}: is UTF-16 text; save it as UTF-8 CSV")
+            raise InputFileError(f"{self.name}: is UTF-16 text; save it as UTF-8 CSV")
         if b"\x00" in head:
-            raise InputFileError(f"{self.uri}: is a binary file, not CSV or Parquet")
+            raise InputFileError(f"{self.name}: is a binary file, not CSV or Parquet")
         try:
             text = head.decode("utf-8")
         except UnicodeDecodeError as exc:
             # The sniffed block may end inside a multi-byte character; only earlier errors count.
             if exc.start < len(head) - 4:
                 raise InputFileError(
-                    f"{self.uri}: is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV"
+                    f"{self.name}: is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV"
                 ) from None
             text = head[: exc.start].decode("utf-8")
         text = text.lstrip("\ufeff")
         header_line = text.splitlines()[0] if text.strip() else ""
         if not header_line.strip():
-            raise InputFileError(f"{self.uri}: first line is empty; expected a header row")
+            raise InputFileError(f"{self.name}: first line is empty; expected a header row")
         header = next(csv.reader([header_line]))
         if len(header) == 1:
             for delimiter, name in OTHER_DELIMITERS.items():
                 if delimiter in header_line:
                     raise InputFileError(
-                        f"{self.uri}: fields are separated by {name}, expected commas"
+                        f"{self.name}: fields are separated by {name}, expected commas"
                     )
         self.raw_columns = header
         body = text[len(header_line) :].strip("\r\n")
@@ -193,7 +206,7 @@ class InputTable:
 
     def _check_columns(self) -> None:
         self.columns = contract_columns(
-            self.uri,
+            self.name,
             self.raw_columns,
             "the header has",
             "; is it a CSV or Parquet file of inventory snapshots?",
@@ -201,7 +214,7 @@ class InputTable:
 
     def require(self, required: tuple[str, ...] | list[str]) -> None:
         """Fail fast, naming the file, when required contract columns are absent."""
-        require_columns(self.uri, self.columns, required, " (is it the right file?)")
+        require_columns(self.name, self.columns, required, " (is it the right file?)")
 
     @property
     def has_label(self) -> bool:
@@ -243,7 +256,7 @@ class InputTable:
                     yield RawChunk(frame)
         except (pa.ArrowException, OSError) as exc:
             raise InputFileError(
-                f"{self.uri}: Parquet data is corrupt ({first_line(exc)})"
+                f"{self.name}: Parquet data is corrupt ({self._why(first_line(exc))})"
             ) from None
 
     def _csv_chunks(self) -> Iterator[RawChunk]:
@@ -298,7 +311,7 @@ class InputTable:
                 frame.index = pd.Index(numbers)
                 yield RawChunk(frame, broken)
             if not pending and next_row == 1:
-                raise InputFileError(f"{self.uri}: has a header but no data rows")
+                raise InputFileError(f"{self.name}: has a header but no data rows")
             if pending:
                 yield RawChunk(
                     pd.DataFrame(columns=self.columns, dtype="string"),
@@ -306,10 +319,12 @@ class InputTable:
                 )
         except pa.ArrowInvalid as exc:
             raise InputFileError(
-                f"{self.uri}: cannot be parsed as CSV ({first_line(exc)})"
+                f"{self.name}: cannot be parsed as CSV ({self._why(first_line(exc))})"
             ) from None
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
-            raise InputFileError(f"{self.uri}: cannot be read ({first_line(exc)})") from None
+            raise InputFileError(
+                f"{self.name}: cannot be read ({self._why(first_line(exc))})"
+            ) from None
         finally:
             self._raw_handle.close()
 
@@ -331,7 +346,8 @@ def _upload(local: Path, uri: str) -> None:
         fs, path = fsspec.core.url_to_fs(uri)
         fs.put_file(str(local), path)
     except Exception as exc:
-        raise OutputError(f"{uri}: cannot be written ({first_line(exc)})") from None
+        reason = redact_text(first_line(exc), uri)
+        raise OutputError(f"{redact(uri)}: cannot be written ({reason})") from None
 
 
 class TableWriter:
@@ -363,7 +379,7 @@ class TableWriter:
             template.iloc[:0].to_csv(self._text, index=False)
 
     def __str__(self) -> str:
-        return self.uri
+        return redact(self.uri)
 
     def write(self, frame: pd.DataFrame) -> None:
         if frame.empty:
@@ -445,8 +461,12 @@ def copy_atomic(source: str | Path, target: str | Path) -> None:
     """Copy a file (path or URL) to ``target`` (path or URL) whole or not at all, streaming."""
     with _staged(target) as temp:
         if is_remote(source):
-            fs, path = fsspec.core.url_to_fs(str(source))
-            fs.get_file(path, str(temp))
+            try:
+                fs, path = fsspec.core.url_to_fs(str(source))
+                fs.get_file(path, str(temp))
+            except Exception as exc:
+                reason = redact_text(first_line(exc), str(source))
+                raise InputFileError(f"{redact(str(source))}: cannot be read ({reason})") from None
         else:
             shutil.copyfile(source, temp)
 

@@ -35,6 +35,7 @@ from backorder.errors import BackorderError, InputFileError, OutputError
 from backorder.io import write_text_atomic
 from backorder.logs import batch_logged, log_context, step_logger
 from backorder.predict import new_batch_id, predict_file
+from backorder.uris import redact, redact_text
 
 if TYPE_CHECKING:
     from backorder.drift import DriftCheck
@@ -56,7 +57,7 @@ def validate_batch(root: str, batch_id: str, settings: Settings, kind: str = UNS
     the later steps (drift, scoring) only look the batch up."""
     uri = batch_uri(root, batch_id, kind)
     check_inputs([uri], require_label=kind == LABELLED, block_bytes=settings.read_block_bytes)
-    log.info("batch is valid", extra={"input": uri, "kind": kind})
+    log.info("batch is valid", extra={"input": redact(uri), "kind": kind})
     return uri
 
 
@@ -87,16 +88,17 @@ def check_drift(
         return {"batch_id": batch_id, "checked": False, "why": found, "drifted": []}
     loaded, reference = found
     rows, _, _ = load_rows(uri, settings.read_block_bytes)
+    shown = redact(uri)  # what reports, logs and the manifest name: without a password
     if rows.empty:
-        raise InputFileError(f"{uri}: no valid rows to compare")
+        raise InputFileError(f"{shown}: no valid rows to compare")
     checked = check_and_report(
         reference,
         rows,
         DriftFiles(
             landing.uri(REPORTS, batch_id),
             batch_id,
-            (f"training reference of model v{loaded.version}", uri),
-            {"model_version": loaded.version, "current": uri},
+            (f"training reference of model v{loaded.version}", shown),
+            {"model_version": loaded.version, "current": shown},
         ),
         settings.drift_psi_threshold,
         loaded,
@@ -107,9 +109,9 @@ def check_drift(
     outcome = _drift_outcome(batch_id, checked, kind, settings)
     _log_drift(loaded.version, outcome)
     if outcome["blocked"]:
-        _block_batch(landing, kind, batch_id, uri, outcome)
+        _block_batch(landing, kind, batch_id, shown, outcome)
         raise DriftBlocked(
-            f"{uri}: drifted from model v{loaded.version}'s training data "
+            f"{shown}: drifted from model v{loaded.version}'s training data "
             f"({', '.join(outcome['drifted'])}); policy {settings.drift_policy}; "
             f"see {outcome['report']}"
         )
@@ -138,7 +140,7 @@ def _drift_outcome(
         "checked": True,
         "drifted": result.drifted,
         "max_psi": float(result.features["psi"].max()),
-        "report": str(checked.report),
+        "report": redact(str(checked.report)),
         "blocked": bool(result.drifted) and kind in DRIFT_BLOCKS[settings.drift_policy],
     }
 
@@ -190,7 +192,7 @@ def score_batch(
     log.info("batch scored", extra={"model_version": loaded.version, **summary.counts()})
     return {
         "batch_id": batch_id,
-        "input": uri,
+        "input": redact(uri),
         "predictions": summary.output,
         "rejects": summary.rejects,
         "model_version": loaded.version,
@@ -263,7 +265,11 @@ def publish_metrics(
                 timeout=10,
             )
         except OSError as exc:
-            raise OutputError(f"{settings.pushgateway_url}: metrics push failed ({exc})") from None
+            where, reason = (
+                settings.pushgateway_url,
+                redact_text(str(exc), settings.pushgateway_url),
+            )
+            raise OutputError(f"{redact(where)}: metrics push failed ({reason})") from None
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -296,7 +302,7 @@ def train_on_landing(root: str, settings: Settings, new_batches: list[str]) -> d
         "reason": outcome.decision.reason,
         "batches": list(labelled),
         "new_batches": new_batches,
-        "report": f"{reports}/report.html",
+        "report": redact(f"{reports}/report.html"),
         "validation_average_precision": outcome.validation.get("average_precision"),
         "holdout_average_precision": holdout.get("average_precision"),
         "holdout_roc_auc": holdout.get("roc_auc"),

@@ -37,6 +37,7 @@ from sklearn.pipeline import Pipeline  # noqa: E402
 
 from backorder.mlflow_model import log_pyfunc_model, pipeline_folder  # noqa: E402
 from backorder.model import LoadedModel, Scorer, load_pipeline, save_pipeline  # noqa: E402
+from backorder.uris import redact  # noqa: E402
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -146,7 +147,7 @@ class Registry:
                 self.client.get_model_version(self.name, ref)
             except MlflowException:
                 raise ModelNotFoundError(
-                    f"model version {ref} of '{self.name}' not found in {self.tracking_uri}"
+                    f"model version {ref} of '{self.name}' not found in {redact(self.tracking_uri)}"
                 ) from None
             return ref
         try:
@@ -154,7 +155,7 @@ class Registry:
         except MlflowException:
             hint = " (train a model first: backorder train --data FILE)" if ref == CHAMPION else ""
             raise ModelNotFoundError(
-                f"no model '{self.name}@{ref}' in {self.tracking_uri}{hint}"
+                f"no model '{self.name}@{ref}' in {redact(self.tracking_uri)}{hint}"
             ) from None
 
     def load(

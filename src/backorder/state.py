@@ -36,6 +36,7 @@ from backorder.errors import (
     UnknownKeyError,
     first_line,
 )
+from backorder.uris import encoded_credentials, redact
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,9 @@ def token_hash(token: str) -> str:
 
 
 def redacted(url: str) -> str:
-    """A state store URL fit for a message: its password hidden."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except sa_exc.ArgumentError:
-        return "(unparseable state_url)"
+    """A state store URL fit for a message: its password hidden (``backorder.uris.redact``,
+    which also splits a raw '@' in a password where SQLAlchemy's parser would not)."""
+    return redact(url)
 
 
 @dataclass(frozen=True)
@@ -172,7 +171,8 @@ def _now() -> datetime:
 
 
 def _engine_url(url: str) -> URL:
-    parsed = make_url(url)
+    # Credentials encoded: a raw '@' in a password must not reach the host or port.
+    parsed = make_url(encoded_credentials(url))
     # psycopg 3 is the driver we ship; plain postgresql:// would ask SQLAlchemy for psycopg2.
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -231,7 +231,7 @@ class StateStore:
                 # An unreachable server fails the command in seconds, not minutes.
                 connect_args={"connect_timeout": 5} if psycopg else {},
             )
-        except (sa_exc.ArgumentError, ImportError) as exc:
+        except (sa_exc.ArgumentError, ImportError, ValueError) as exc:  # ValueError: a bad port
             raise StateStoreError(f"state store {self.url}: {first_line(exc)}") from None
         if self._engine.dialect.name == "sqlite":
             _sqlite_transactions(self._engine)
