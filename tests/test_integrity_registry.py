@@ -284,7 +284,8 @@ def test_a_training_run_never_promotes_over_a_champion_it_was_not_compared_with(
         },
     )
     run_training([SAMPLE / "labelled.csv.gz"], weak, tmp_path / "weak")
-    assert registry.promote("2").promoted
+    registry.promote("2")
+    assert registry.champion_version() == "2"
 
     # While the next run is being registered (it compared itself with v2 and won), a planner
     # in another process makes v1 champion again.
@@ -320,7 +321,8 @@ def test_a_training_run_never_promotes_over_a_champion_it_was_not_compared_with(
 def test_the_pipelines_promote_step_refuses_a_stale_decision(trained_settings: Settings) -> None:
     registry = Registry(trained_settings)
     challenger, newer = _more_versions(registry, 2)
-    assert registry.promote(newer).promoted  # v3 became champion after v2 was compared with v1
+    registry.promote(newer)  # v3 became champion after v2 was compared with v1
+    assert registry.champion_version() == newer
     trained = {
         "version": challenger,
         "should_promote": True,
