@@ -1,5 +1,6 @@
 """The product's own state store: API keys and page sign-in sessions now, the planner's records
-(worklists, actions, notes, outcomes) later.
+(worklists, actions, notes, outcomes) later; and named locks (``StateStore.lock``) that hold
+across processes and machines, which keep promotions in the registry one at a time.
 
 One SQLAlchemy database: SQLite at HOME/state.db by default, any SQLAlchemy URL (PostgreSQL in
 the compose stack) by the ``state_url`` setting. Its schema is kept by Alembic revisions shipped
