@@ -610,6 +610,8 @@ def test_an_object_planted_in_a_cache_that_was_open_to_others_never_runs(
         check=True,
     )
     planted.with_name(planted.name + RECORD_SUFFIX).write_text(_sha256(planted.read_bytes()))
+    # And where this process would compile to, as if a crashed process of the same id left it.
+    shutil.copy(planted, fresh_cache / f".{key}.{os.getpid()}.tmp.so")
 
     with caplog.at_level(logging.INFO, logger="backorder.compiled"):
         model = registry.load("champion", compiled=True)

@@ -105,6 +105,9 @@ def _build(model: Any, cache_dir: Path, key: str, target: Path) -> None:
     SHA-256 (each written to a private name, then renamed: a reader never sees half)."""
     pid = os.getpid()
     partial = cache_dir / f".{key}.{pid}.tmp.so"
+    # lleaves loads, unchecked, whatever already sits at the cache path it is given: a file a
+    # crashed process of the same pid left there must go first.
+    partial.unlink(missing_ok=True)
     model.compile(cache=str(partial), raw_score=True)
     digest = _digest(partial.read_bytes())
     os.replace(partial, target)
