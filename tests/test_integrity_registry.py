@@ -267,6 +267,22 @@ def test_concurrent_promotions_and_rollbacks_keep_champion_history_and_list_in_a
     assert all(a != b for a, b in itertools.pairwise(history))
 
 
+def test_an_alias_moved_without_its_history_is_put_in_the_history_first(
+    trained_settings: Settings,
+) -> None:
+    """A process that died between moving the alias and writing the history (or an alias
+    moved by hand in MLflow's UI) leaves them apart; the next rollback goes by the alias."""
+    registry = Registry(trained_settings)
+    second, third = _more_versions(registry, 2)
+    registry.promote(second)
+    registry.client.set_registered_model_alias(registry.name, "champion", third)
+    assert _history(registry) == ["1", second]  # apart: the alias says v3
+    rolled = run_cli("models", "rollback", home=trained_settings.home)
+    assert rolled.returncode == 0, rolled.stderr
+    assert f"champion rolled back from v{third} to v{second}" in rolled.stdout
+    assert registry.champion_version() == second and _history(registry) == ["1", second]
+
+
 # -- a decision made against a champion that has since changed ---------------------------------
 def test_a_training_run_never_promotes_over_a_champion_it_was_not_compared_with(
     trained_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
