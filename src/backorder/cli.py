@@ -670,9 +670,11 @@ def models_promote(
     from backorder.registry import Registry
 
     settings = _settings(config)
-    registry = Registry(settings)
-    _guard(lambda: registry.promote(version))
-    out.print(f"champion is now v{registry.resolve('champion')}")
+    done = _guard(lambda: Registry(settings).promote(version))
+    if done.promoted:
+        out.print(f"champion is now v{done.champion}")
+    else:
+        out.print(f"{done.reason}; nothing changed")
 
 
 @models_app.command("rollback")

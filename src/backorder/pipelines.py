@@ -300,6 +300,8 @@ def train_on_landing(root: str, settings: Settings, new_batches: list[str]) -> d
         "version": outcome.version,
         "should_promote": outcome.decision.promoted,
         "reason": outcome.decision.reason,
+        # The champion the decision was made against: promote_or_keep promotes only over it.
+        "compared_with": outcome.decision.champion_version,
         "batches": list(labelled),
         "new_batches": new_batches,
         "report": redact(f"{reports}/report.html"),
@@ -310,20 +312,26 @@ def train_on_landing(root: str, settings: Settings, new_batches: list[str]) -> d
 
 
 def promote_or_keep(settings: Settings, trained: dict[str, Any]) -> dict[str, Any]:
-    """Apply the training run's decision: make the challenger champion, or keep the champion."""
+    """Apply the training run's decision: make the challenger champion, or keep the champion.
+
+    The challenger is promoted only over the champion it was compared with; if another run or
+    a planner changed the champion meanwhile, it is kept as challenger and the reason says so.
+    """
     from backorder.registry import Registry
+    from backorder.train import PromotionDecision, promote_as_decided
 
     registry = Registry(settings)
+    reason, promoted = trained["reason"], False
     if trained["should_promote"]:
-        registry.promote(trained["version"])
+        decision = PromotionDecision(True, reason, trained["compared_with"], {}, None)
+        final = promote_as_decided(registry, trained["version"], decision)
+        reason, promoted = final.reason, final.promoted
+    champion = registry.champion_version()
     log.info(
-        "champion promoted" if trained["should_promote"] else "champion kept",
-        extra={"model_version": trained["version"], "champion": registry.champion_version()},
+        "champion promoted" if promoted else "champion kept",
+        extra={"model_version": trained["version"], "champion": champion, "reason": reason},
     )
-    return trained | {
-        "promoted": bool(trained["should_promote"]),
-        "champion": registry.champion_version(),
-    }
+    return trained | {"promoted": promoted, "reason": reason, "champion": champion}
 
 
 def record_training(
