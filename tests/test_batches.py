@@ -9,6 +9,8 @@ Every server is real (tests/support/servers.py); the killed runs are the real co
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -18,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
 from backorder.catalog import (
@@ -30,7 +33,7 @@ from backorder.catalog import (
 )
 from backorder.errors import InputFileError
 from backorder.predict import new_batch_id
-from tests.conftest import SAMPLE
+from tests.conftest import ROOT, SAMPLE, make_settings
 from tests.support.servers import SeaweedS3
 
 OLD_ID = "20261102T000000Z"
@@ -38,6 +41,20 @@ OLD_ID = "20261102T000000Z"
 
 def _name(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+def cli_process(*args: str, home: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """The real `backorder` command, started and not waited for (run_cli's environment)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("BACKORDER_")}
+    full_env.update({"BACKORDER_HOME": str(home), **(env or {})})
+    return subprocess.Popen(
+        [str(Path(sys.executable).with_name("backorder")), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+        cwd=ROOT,
+    )
 
 
 # -- batch ids ------------------------------------------------------------------------------------
@@ -175,3 +192,53 @@ def test_a_batch_lease_has_one_holder_until_released_expired_or_its_process_died
 
 def test_batch_leases_on_s3(s3_env: SeaweedS3) -> None:
     _leases_behave(f"s3://{s3_env.make_bucket(_name('lease'))}/backorder")
+
+
+# -- score-pending --------------------------------------------------------------------------------
+def _home_with_champion_v2(trained_home: Path, home: Path) -> Path:
+    """A copy of the trained registry whose champion is v2 (the same model registered again),
+    so that two runners with different homes score with different versions."""
+    from mlflow.tracking import MlflowClient
+
+    from backorder.registry import Registry
+
+    shutil.copytree(trained_home, home)
+    registry = Registry(make_settings(home))
+    client: MlflowClient = registry.client
+    first = client.get_model_version(registry.name, "1")
+    client.create_model_version(
+        registry.name, first.source, first.run_id, tags=first.tags, model_id=first.model_id
+    )
+    registry.promote("2")
+    return home
+
+
+def test_two_concurrent_score_pending_score_each_batch_once(
+    trained_home: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "landing"
+    batches = ["20261102T000000Z", "20261103T000000Z"]
+    for batch in batches:
+        Landing(str(root)).land(SAMPLE / "new_batch.csv.gz", UNSCORED, batch)
+    homes = [tmp_path / "home-v1", _home_with_champion_v2(trained_home, tmp_path / "home-v2")]
+    shutil.copytree(trained_home, homes[0])
+    quick = {"BACKORDER_COMPILED_TREES": "false"}  # compiling would only slow both down
+    runners = [
+        cli_process("score-pending", "--root", str(root), home=home, env=quick) for home in homes
+    ]
+    outputs = [runner.communicate(timeout=300) for runner in runners]
+    for runner, (_, stderr) in zip(runners, outputs, strict=True):
+        assert runner.returncode == 0, stderr
+    counts = [int(re.fullmatch(r"scored (\d+) batch\(es\)\n", out)[1]) for out, _ in outputs]
+    assert sum(counts) == len(batches), outputs  # each batch once, by one of the two
+    skipped = re.findall(r"skipped batch (\S+): ", "".join(err for _, err in outputs))
+    assert skipped, outputs  # the runner that met a batch taken said so
+
+    records = Landing(str(root)).records(SCORING)
+    assert sorted(records) == batches
+    for batch, record in records.items():
+        predictions = pd.read_parquet(root / "predictions" / f"{batch}.parquet")
+        # The manifest names the model that wrote the predictions, and their number.
+        assert set(predictions["model_version"]) == {record["model_version"]}, batch
+        assert len(predictions) == record["scored"], batch
+    assert {r["model_version"] for r in records.values()} <= {"1", "2"}

@@ -289,6 +289,15 @@ class Lease:
         record = self.landing._lease_record(self.job, self.batch_id, self.generation)
         return record is not None and record["owner"] == self.owner and record["state"] == HELD
 
+    def confirm(self) -> None:
+        """Raise ``BatchTaken`` unless this lease still holds its batch: called before the
+        work is recorded, so a runner whose lease expired and was taken over records nothing."""
+        if not self.held():
+            raise BatchTaken(
+                f"{self.batch_id}: the lease expired and another runner took the batch over; "
+                "this run's work is not recorded"
+            )
+
     def release(self) -> None:
         """Free the batch: the next generation says released (unless another runner took the
         lease over meanwhile), and this one goes."""

@@ -543,7 +543,11 @@ def batches(
 
 @app.command("score-pending")
 def score_pending(root: RootOption = None, config: ConfigOption = None) -> None:
-    """Score every landed batch not scored yet (what the daily DAG does), oldest first."""
+    """Score every landed batch not scored yet (what the daily DAG does), oldest first.
+
+    Each batch is scored under its lease: a batch another runner has is skipped, and says so.
+    The last line, `scored N batch(es)`, counts the batches this run scored.
+    """
     from backorder.pipelines import score_pending as run
 
     settings = _settings(config, landing_root=root)
