@@ -11,17 +11,22 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import fsspec
+import fsspec.core
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 
 from backorder.catalog import (
     SCORING,
@@ -31,8 +36,11 @@ from backorder.catalog import (
     batch_id_of,
     batch_time,
 )
+from backorder.config import Settings
+from backorder.databases import sqlalchemy_url
 from backorder.errors import InputFileError
-from backorder.predict import new_batch_id
+from backorder.predict import new_batch_id, predict_file
+from backorder.registry import Registry
 from tests.conftest import ROOT, SAMPLE, make_settings
 from tests.support.servers import SeaweedS3
 
@@ -242,3 +250,232 @@ def test_two_concurrent_score_pending_score_each_batch_once(
         assert set(predictions["model_version"]) == {record["model_version"]}, batch
         assert len(predictions) == record["scored"], batch
     assert {r["model_version"] for r in records.values()} <= {"1", "2"}
+
+
+# -- a run killed in the middle of a batch --------------------------------------------------------
+BATCH = "20261110T000000Z"
+
+
+def _big_input(path: Path, copies: int) -> tuple[Path, int]:
+    """The bundled batch ``copies`` times over: 16 chunks of 64 KiB per copy."""
+    frame = pd.read_csv(SAMPLE / "new_batch.csv.gz", dtype=str, keep_default_na=False)
+    frame = frame[frame["national_inv"] != ""]  # the footer line
+    pd.concat([frame] * copies, ignore_index=True).to_csv(path, index=False)
+    return path, copies * len(frame)
+
+
+def _wait_for(check: Callable[[], bool], what: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+class Output:
+    """One kind of output: the CLI arguments that name it, whether a run has started writing
+    it, and what a reader sees of it (rows of the batch, for a reader who follows the docs)."""
+
+    def __init__(self, kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+        self.kind, self.tmp = kind, tmp_path
+        self.spool = tmp_path / "tmp"  # the killed run's TMPDIR
+        self.spool.mkdir()
+        table = _name("predictions_")
+        if kind == "file":
+            self.args = ["--output", str(tmp_path / "out" / "predictions.parquet")]
+        elif kind == "s3":
+            bucket = request.getfixturevalue("s3_env").make_bucket(_name("killed"))
+            self.args = ["--output", f"s3://{bucket}/out/predictions.parquet"]
+        elif kind == "postgresql":
+            self.url = request.getfixturevalue("postgres_server").plain_url
+            self.args = ["--output", self.url, "--output-table", table]
+        else:
+            self.mongo = request.getfixturevalue("mongo_server")
+            self.args = ["--output", self.mongo.url, "--output-table", table]
+        self.target, self.table = self.args[1], table
+        if kind in ("postgresql", "mongodb"):
+            self.target = f"{self.target}#{table}"
+
+    def started(self) -> bool:
+        """The run has written its first chunk (not yet visible to readers)."""
+        if self.kind in ("file", "s3"):
+            # A local temporary file beside the target, or in TMPDIR before the one upload.
+            folder = self.tmp / "out" if self.kind == "file" else self.spool
+            pattern = (
+                ".predictions.parquet.*.tmp" if self.kind == "file" else "*-predictions.parquet"
+            )
+            return any(p.stat().st_size > 4096 for p in folder.glob(pattern))
+        if self.kind == "postgresql":
+            engine = sa.create_engine(sqlalchemy_url(self.url))
+            with engine.connect() as connection:
+                writing = connection.execute(
+                    sa.text("SELECT count(*) FROM pg_stat_activity WHERE query LIKE :q"),
+                    {"q": f"INSERT INTO {self.table} %"},
+                ).scalar_one()
+            engine.dispose()
+            return bool(writing)
+        with self.mongo.client() as client:
+            return client.get_default_database()[self.table].count_documents({}) > 0
+
+    def rows(self) -> pd.DataFrame | None:
+        """The batch as a reader sees it; None when there is nothing to see."""
+        if self.kind in ("file", "s3"):
+            fs, path = fsspec.core.url_to_fs(self.target)
+            fs.invalidate_cache()
+            return pd.read_parquet(self.target) if fs.exists(path) else None
+        if self.kind == "postgresql":
+            engine = sa.create_engine(sqlalchemy_url(self.url))
+            try:
+                if not sa.inspect(engine).has_table(self.table):
+                    return None
+                return pd.read_sql_query(
+                    sa.text(f'SELECT * FROM "{self.table}" WHERE batch_id = :b'),
+                    engine,
+                    params={"b": BATCH},
+                )
+            finally:
+                engine.dispose()
+        # The documented read: only committed runs' documents.
+        from backorder.databases import committed_filter
+
+        with self.mongo.client() as client:
+            database = client.get_default_database()
+            found = committed_filter(database, self.table, BATCH)
+            documents = list(database[self.table].find(found, {"_id": False}))
+        return pd.DataFrame(documents) if documents else None
+
+
+KINDS = ["file", "s3", "postgresql", "mongodb"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_run_killed_mid_batch_leaves_nothing_partial_and_a_rerun_gives_the_batch(
+    kind: str, request: pytest.FixtureRequest, trained_settings: Settings, tmp_path: Path
+) -> None:
+    # Enough chunks that the kill lands mid-batch (the MongoDB test server inserts slowly).
+    source, rows = _big_input(tmp_path / "big.csv", 1 if kind == "mongodb" else 4)
+    output = Output(kind, request, tmp_path)
+    args = ["predict", "--input", str(source), *output.args, "--batch-id", BATCH]
+    env = {
+        "BACKORDER_READ_BLOCK_BYTES": str(64 << 10),
+        "BACKORDER_COMPILED_TREES": "false",
+        "TMPDIR": str(output.spool),
+    }
+    run = cli_process(*args, home=trained_settings.home, env=env)
+    try:
+        _wait_for(lambda: output.started() or run.poll() is not None, "the first chunk")
+        assert run.poll() is None, run.communicate()  # still in the middle of the batch
+        run.send_signal(signal.SIGKILL)
+    finally:
+        run.kill()
+        run.communicate()
+    assert run.returncode == -signal.SIGKILL
+    assert output.rows() is None  # no reader sees any of the killed run's rows
+
+    # The re-run, in this process (the command line is proven above; this saves its start-up).
+    model = Registry(trained_settings).load_for_scoring()
+    again = predict_file(source, output.target, model, trained_settings, batch_id=BATCH)
+    assert again.read == again.scored == rows
+    seen = output.rows()
+    assert seen is not None and len(seen) == rows  # exactly the whole batch, once
+    assert seen["row_number"].is_unique and sorted(seen["row_number"]) == list(range(1, rows + 1))
+
+
+# -- MongoDB: commit markers, the read filter, and the clean-up of runs no reader will read -------
+def _mongo_rows(database: Any, table: str, batch: str) -> pd.DataFrame:
+    from backorder.databases import committed_filter
+
+    found = database[table].find(committed_filter(database, table, batch), {"_id": False})
+    return pd.DataFrame(list(found))
+
+
+def test_mongodb_readers_see_committed_runs_only_and_dead_runs_are_cleaned_up(
+    request: pytest.FixtureRequest,
+) -> None:
+    from backorder.databases import ABANDONED_AFTER_SECONDS, commits_collection
+    from backorder.io import open_output
+
+    mongo = request.getfixturevalue("mongo_server")
+    table = _name("predictions_")
+    uri = f"{mongo.url}#{table}"
+    template = pd.DataFrame(
+        {"row_number": pd.Series(dtype="int64"), "p": pd.Series(dtype="float64")}
+    )
+
+    def rows(n: int, p: float) -> pd.DataFrame:
+        return pd.DataFrame({"row_number": range(1, n + 1), "p": [p] * n})
+
+    client = mongo.client()
+    database = client.get_default_database()
+    try:
+        # A run that dies after writing part of the batch: never committed, never aborted.
+        dead = open_output(uri, template, BATCH)
+        dead.write(rows(30, 0.1))
+        assert _mongo_rows(database, table, BATCH).empty  # the documented read sees nothing
+        assert database[table].count_documents({"batch_id": BATCH}) == 30  # but it is there
+
+        first = open_output(uri, template, BATCH)
+        first.write(rows(50, 0.2))
+        first.commit()
+        assert _mongo_rows(database, table, BATCH)["p"].tolist() == [0.2] * 50
+
+        # A re-run replaces the batch at its commit; the run it replaced is deleted by the
+        # next write, not at once (a reader may be reading it), and the dead run only once
+        # it has been quiet for ABANDONED_AFTER_SECONDS.
+        second = open_output(uri, template, BATCH)
+        second.write(rows(40, 0.3))
+        second.commit()
+        assert _mongo_rows(database, table, BATCH)["p"].tolist() == [0.3] * 40
+        commits = database[commits_collection(table)]
+        commits.update_many(
+            {"_id": f"run:{dead.run_id}"},  # type: ignore[attr-defined]
+            {"$set": {"alive": time.time() - ABANDONED_AFTER_SECONDS - 1}},
+        )
+        other = open_output(uri, template, "20261111T000000Z")  # the next write, another batch
+        other.write(rows(5, 0.5))
+        other.commit()
+        assert database[table].count_documents({"batch_id": BATCH}) == 40
+        assert _mongo_rows(database, table, "20261111T000000Z")["p"].tolist() == [0.5] * 5
+
+        # A run taken back after its commit (its rejects' sibling failed): the batch is again
+        # what the run before it committed.
+        taken_back = open_output(uri, template, BATCH)
+        taken_back.write(rows(10, 0.9))
+        taken_back.commit()
+        taken_back.discard()
+        assert _mongo_rows(database, table, BATCH)["p"].tolist() == [0.3] * 40
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "mongodb"])
+def test_two_predicts_in_the_same_second_to_one_table_keep_both_batches(
+    kind: str, request: pytest.FixtureRequest, trained_settings: Settings, tmp_path: Path
+) -> None:
+    small = tmp_path / "small.csv"
+    pd.read_csv(SAMPLE / "new_batch.csv.gz", dtype=str, keep_default_na=False).head(200).to_csv(
+        small, index=False
+    )
+    server = request.getfixturevalue(f"{'postgres' if kind == 'postgresql' else 'mongo'}_server")
+    base = server.plain_url if kind == "postgresql" else server.url
+    model = Registry(trained_settings).load_for_scoring()
+    for _ in range(5):  # until two runs fall in the same second (the first try, nearly always)
+        table = _name("predictions_")
+        runs = [predict_file(small, f"{base}#{table}", model, trained_settings) for _ in range(2)]
+        if runs[0].batch_id[:16] == runs[1].batch_id[:16]:
+            break
+    else:
+        pytest.fail("no two runs fell in the same second")
+    assert runs[0].batch_id != runs[1].batch_id
+    for run in runs:
+        if kind == "postgresql":
+            engine = sa.create_engine(sqlalchemy_url(base))
+            with engine.connect() as connection:
+                kept = connection.execute(
+                    sa.text(f'SELECT count(*) FROM "{table}" WHERE batch_id = :b'),
+                    {"b": run.batch_id},
+                ).scalar_one()
+            engine.dispose()
+        else:
+            with server.client() as client:
+                kept = len(_mongo_rows(client.get_default_database(), table, run.batch_id))
+        assert kept == run.scored == 200, run.batch_id
