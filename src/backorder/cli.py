@@ -332,7 +332,7 @@ def predict(  # noqa: PLR0913, PLR0917
         typer.Option(
             "--batch-id",
             help="Id of this batch; re-scoring the same id replaces its rows in tables "
-            "(default: the time now, UTC).",
+            "(default: the time now, UTC, made unique: 20261128T172342Z_048213-9f3ac1).",
         ),
     ] = None,
     engine: Annotated[
@@ -476,7 +476,8 @@ def land(
         str, typer.Option("--kind", help="'unscored' (to be scored) or 'labelled' (history).")
     ] = "unscored",
     batch_id: Annotated[
-        str | None, typer.Option("--batch-id", help="Default: the time now, UTC.")
+        str | None,
+        typer.Option("--batch-id", help="Default: the time now, UTC, made unique."),
     ] = None,
     root: RootOption = None,
     config: ConfigOption = None,
