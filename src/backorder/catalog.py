@@ -156,7 +156,8 @@ class Landing:
         except FileExistsError:
             raise InputFileError(f"{target}: batch {batch_id} has landed already") from None
         # The same id landed at the same moment under another suffix (.csv and .parquet): the
-        # batch would be ambiguous, so this land gives way (both may, never neither is told).
+        # batch would be ambiguous, so this land gives way. At worst both do; neither is lost
+        # without its lander being told.
         twins = [n for n in self._listing(kind) if batch_id_of(n) == batch_id]
         if len(twins) > 1:
             self._remove(target)
@@ -200,8 +201,7 @@ class Landing:
         """
         batch_time(batch_id)  # the id becomes a path
         for _ in range(3):
-            newest = -1
-            generations = self._lease_generations(job, batch_id)
+            newest, generations = -1, self._lease_generations(job, batch_id)
             if not generations:
                 break
             newest = generations[-1]
@@ -218,11 +218,11 @@ class Landing:
             write_json_atomic(lease.uri, lease.record(HELD, seconds), exclusive=True)
         except FileExistsError:
             raise BatchTaken(f"{batch_id}: another runner took it just now") from None
-        if self._lease_generations(job, batch_id)[-1] != lease.generation:
+        if self._lease_generations(job, batch_id)[-1:] != [lease.generation]:
             # Our listing was old: a later generation exists, and its holder has the batch.
             self._remove(lease.uri)
             raise BatchTaken(f"{batch_id}: another runner took it just now")
-        for old in range(lease.generation):  # history now: only the newest counts
+        for old in generations:  # history now: only the newest counts
             self._remove(self._lease_uri(job, batch_id, old))
         return lease
 

@@ -297,9 +297,9 @@ class SqlOutput(DatabaseOutput):
         self._table = sa.Table(self.table, sa.MetaData(), *columns)
         try:
             self._engine = sa.create_engine(sqlalchemy_url(self.base))
+            self._create_table()
             self._connection: Any = self._engine.connect()
             self._transaction = self._connection.begin()
-            self._table.create(self._connection, checkfirst=True)
             self._check_columns()
             # Re-scoring replaces the batch: its old rows go in the same transaction.
             self._connection.execute(
@@ -308,6 +308,19 @@ class SqlOutput(DatabaseOutput):
         except sa.exc.SQLAlchemyError as exc:
             self.abort()
             raise OutputError(f"{self.name}: cannot be written ({first_line(exc)})") from None
+
+    def _create_table(self) -> None:
+        """Create the table on first use, in a transaction of its own: two runs starting on a
+        new table at once both try, and PostgreSQL refuses the second (a unique violation in
+        its catalog), which then finds the table there."""
+        import sqlalchemy as sa
+
+        try:
+            with self._engine.begin() as connection:
+                self._table.create(connection, checkfirst=True)
+        except sa.exc.SQLAlchemyError:
+            if not sa.inspect(self._engine).has_table(self.table):
+                raise
 
     def _check_columns(self) -> None:
         import sqlalchemy as sa
@@ -444,7 +457,7 @@ class MongoOutput(DatabaseOutput):
         """Delete the documents of runs no reader will read: abandoned, or replaced."""
         committed = set(committed_runs(self._collection.database, self.table).values())
         abandoned = time.time() - ABANDONED_AFTER_SECONDS
-        for run in self._commits.find({"kind": RUN}):
+        for run in self._commits.find({"kind": RUN}, {"state": True, "alive": True}):
             run_id = str(run["_id"]).removeprefix("run:")
             if run_id in committed:
                 continue
