@@ -169,7 +169,8 @@ def test_postgresql_table_to_mongodb_and_training_from_a_table(
     committed = committed_filter(database, collection, "20261104T000000Z")
     documents = database[collection]
     assert documents.count_documents(committed) == counts["scored"] == 800
-    assert len(documents.distinct("run_id", committed)) == 1
+    # (Not distinct(): the test server's ignores an $in filter.)
+    assert len({d["run_id"] for d in documents.find(committed, {"run_id": True})}) == 1
     client.close()
 
 

@@ -455,9 +455,12 @@ class MongoOutput(DatabaseOutput):
 
     def _clean_up(self) -> None:
         """Delete the documents of runs no reader will read: abandoned, or replaced."""
+        # Runs before markers: a run writes its marker before it says it committed, so a run
+        # seen as committed here has its marker in the list read next, unless it was replaced.
+        runs = list(self._commits.find({"kind": RUN}, {"state": True, "alive": True}))
         committed = set(committed_runs(self._collection.database, self.table).values())
         abandoned = time.time() - ABANDONED_AFTER_SECONDS
-        for run in self._commits.find({"kind": RUN}, {"state": True, "alive": True}):
+        for run in runs:
             run_id = str(run["_id"]).removeprefix("run:")
             if run_id in committed:
                 continue
