@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import socket
@@ -42,6 +43,8 @@ import pandas as pd
 from backorder.errors import BackorderError, InputFileError
 from backorder.io import TABLE_SUFFIXES, copy_atomic, table_suffix, write_json_atomic
 from backorder.predict import new_batch_id
+
+log = logging.getLogger(__name__)
 
 LABELLED, UNSCORED, PREDICTIONS, REJECTS, REPORTS, MANIFEST, METRICS, LEASES = (
     "labelled",
@@ -300,11 +303,15 @@ class Lease:
 
     def release(self) -> None:
         """Free the batch: the next generation says released (unless another runner took the
-        lease over meanwhile), and this one goes."""
+        lease over meanwhile), and this one goes. Best effort: a lease the store would not let
+        go of frees itself when this process ends (on this machine) or expires."""
         following = Lease(self.landing, self.job, self.batch_id, self.generation + 1, self.owner)
-        with contextlib.suppress(FileExistsError):
-            write_json_atomic(following.uri, following.record(RELEASED), exclusive=True)
-        self.landing._remove(self.uri)
+        try:
+            with contextlib.suppress(FileExistsError):
+                write_json_atomic(following.uri, following.record(RELEASED), exclusive=True)
+            self.landing._remove(self.uri)
+        except (BackorderError, OSError) as exc:
+            log.warning(f"{self.uri}: the lease could not be released ({exc})")
 
 
 def _iso(epoch: float) -> str:
