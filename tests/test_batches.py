@@ -327,13 +327,14 @@ class Output:
             try:
                 if not sa.inspect(engine).has_table(self.table):
                     return None
-                return pd.read_sql_query(
+                found = pd.read_sql_query(
                     sa.text(f'SELECT * FROM "{self.table}" WHERE batch_id = :b'),
                     engine,
                     params={"b": BATCH},
                 )
             finally:
                 engine.dispose()
+            return found if len(found) else None
         # The documented read: only committed runs' documents.
         from backorder.databases import committed_filter
 
