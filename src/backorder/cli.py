@@ -359,7 +359,7 @@ def predict(  # noqa: PLR0913, PLR0917
         typer.Option(
             "--batch-id",
             help="Id of this batch; re-scoring the same id replaces its rows in tables "
-            "(default: the time now, UTC).",
+            "(default: the time now, UTC, made unique: 20261128T172342Z_048213-9f3ac1).",
         ),
     ] = None,
     engine: Annotated[
@@ -507,7 +507,8 @@ def land(
         str, typer.Option("--kind", help="'unscored' (to be scored) or 'labelled' (history).")
     ] = "unscored",
     batch_id: Annotated[
-        str | None, typer.Option("--batch-id", help="Default: the time now, UTC.")
+        str | None,
+        typer.Option("--batch-id", help="Default: the time now, UTC, made unique."),
     ] = None,
     root: RootOption = None,
     config: ConfigOption = None,
@@ -574,7 +575,11 @@ def batches(
 
 @app.command("score-pending")
 def score_pending(root: RootOption = None, config: ConfigOption = None) -> None:
-    """Score every landed batch not scored yet (what the daily DAG does), oldest first."""
+    """Score every landed batch not scored yet (what the daily DAG does), oldest first.
+
+    Each batch is scored under its lease: a batch another runner has is skipped, and says so.
+    The last line, `scored N batch(es)`, counts the batches this run scored.
+    """
     from backorder.pipelines import score_pending as run
 
     settings = _settings(config, landing_root=root)

@@ -6,7 +6,9 @@ Parquet files, read in bounded chunks, or database tables named ``URI#TABLE`` (s
 ``backorder.databases``). Outputs are written atomically: a local file goes to a temporary file
 beside the target and is renamed into place only when complete; a remote object is written to a
 local temporary file and uploaded as one object only when complete (an S3 upload appears whole
-or not at all). An interrupted run never leaves a partial output behind.
+or not at all). An interrupted run never leaves a partial output behind. Some writes are also
+exclusive (``exclusive=True``): they fail with ``FileExistsError`` when the target exists,
+atomically (a hard link locally, a conditional PUT, ``If-None-Match: *``, on S3).
 
 What a URI names (remote or local, table file or database table) is ``backorder.uris``;
 callers import it from here, like everything else the seam offers (``__all__``).
@@ -340,12 +342,28 @@ def _local_temp(name: str) -> Path:
     return Path(path)
 
 
-def _upload(local: Path, uri: str) -> None:
-    """Put a finished local file at ``uri`` as one object, or fail with a one-line error."""
+def _precondition_failed(exc: BaseException) -> bool:
+    """True when a store refused a conditional write because the object exists (s3fs raises
+    FileExistsError only when the answer names the condition; SeaweedFS's does not)."""
+    if isinstance(exc, FileExistsError):
+        return True
+    response = getattr(exc.__cause__, "response", None) or getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return False
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    # 409: a concurrent conditional write to the same key was under way (AWS); it wins.
+    return status in (409, 412) or response.get("Error", {}).get("Code") == "PreconditionFailed"
+
+
+def _upload(local: Path, uri: str, exclusive: bool = False) -> None:
+    """Put a finished local file at ``uri`` as one object, or fail with a one-line error;
+    ``exclusive``: only if no object is there (else ``FileExistsError``)."""
     try:
         fs, path = fsspec.core.url_to_fs(uri)
-        fs.put_file(str(local), path)
+        fs.put_file(str(local), path, mode="create" if exclusive else "overwrite")
     except Exception as exc:
+        if exclusive and _precondition_failed(exc):
+            raise FileExistsError(redact(uri)) from None
         reason = redact_text(first_line(exc), uri)
         raise OutputError(f"{redact(uri)}: cannot be written ({reason})") from None
 
@@ -438,9 +456,10 @@ def write_table_atomic(path: str | Path, frame: pd.DataFrame) -> Path:
 
 
 @contextlib.contextmanager
-def _staged(target: str | Path) -> Iterator[Path]:
+def _staged(target: str | Path, exclusive: bool = False) -> Iterator[Path]:
     """A temporary local file to fill; when the block succeeds it becomes ``target`` whole
-    (renamed beside a local target, or uploaded as one object), else it is removed."""
+    (renamed beside a local target, or uploaded as one object), else it is removed.
+    ``exclusive``: only if ``target`` does not exist yet, else ``FileExistsError``."""
     remote = is_remote(target)
     if remote:
         temp = _local_temp(Path(str(target)).name)
@@ -450,16 +469,19 @@ def _staged(target: str | Path) -> Iterator[Path]:
     try:
         yield temp
         if remote:
-            _upload(temp, str(target))
+            _upload(temp, str(target), exclusive)
+        elif exclusive:
+            os.link(temp, target)  # unlike a rename, fails when the target exists
         else:
             os.replace(temp, target)
     finally:
         temp.unlink(missing_ok=True)
 
 
-def copy_atomic(source: str | Path, target: str | Path) -> None:
-    """Copy a file (path or URL) to ``target`` (path or URL) whole or not at all, streaming."""
-    with _staged(target) as temp:
+def copy_atomic(source: str | Path, target: str | Path, *, exclusive: bool = False) -> None:
+    """Copy a file (path or URL) to ``target`` (path or URL) whole or not at all, streaming;
+    ``exclusive``: only if ``target`` does not exist yet, else ``FileExistsError``."""
+    with _staged(target, exclusive) as temp:
         if is_remote(source):
             try:
                 fs, path = fsspec.core.url_to_fs(str(source))
@@ -472,23 +494,26 @@ def copy_atomic(source: str | Path, target: str | Path) -> None:
 
 
 @overload
-def write_text_atomic(path: Path, text: str) -> Path: ...
+def write_text_atomic(path: Path, text: str, *, exclusive: bool = False) -> Path: ...
 @overload
-def write_text_atomic(path: str | Path, text: str) -> str | Path: ...
-def write_text_atomic(path: str | Path, text: str) -> str | Path:
-    """Write a whole text file (local path or fsspec URL) atomically."""
-    with _staged(path) as temp:
+def write_text_atomic(path: str | Path, text: str, *, exclusive: bool = False) -> str | Path: ...
+def write_text_atomic(path: str | Path, text: str, *, exclusive: bool = False) -> str | Path:
+    """Write a whole text file (local path or fsspec URL) atomically; ``exclusive``: only if
+    it does not exist yet, else ``FileExistsError``."""
+    with _staged(path, exclusive) as temp:
         temp.write_text(text, encoding="utf-8")
     return str(path) if is_remote(path) else Path(path)
 
 
 @overload
-def write_json_atomic(path: Path, payload: Any) -> Path: ...
+def write_json_atomic(path: Path, payload: Any, *, exclusive: bool = False) -> Path: ...
 @overload
-def write_json_atomic(path: str | Path, payload: Any) -> str | Path: ...
-def write_json_atomic(path: str | Path, payload: Any) -> str | Path:
+def write_json_atomic(path: str | Path, payload: Any, *, exclusive: bool = False) -> str | Path: ...
+def write_json_atomic(path: str | Path, payload: Any, *, exclusive: bool = False) -> str | Path:
     return write_text_atomic(
-        path, json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n"
+        path,
+        json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n",
+        exclusive=exclusive,
     )
 
 

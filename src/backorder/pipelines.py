@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +26,9 @@ from backorder.catalog import (
     SCORING,
     TRAINING,
     UNSCORED,
+    BatchTaken,
     Landing,
+    Lease,
     batch_uri,
     pending_scoring,
     pending_training,
@@ -201,6 +205,38 @@ def score_batch(
     }
 
 
+@contextmanager
+def scoring_lease(root: str, batch_id: str) -> Iterator[Lease]:
+    """Hold the batch's scoring lease for the block: one runner at a time scores a batch and
+    writes its record, so its predictions and manifest come from one run and one model.
+
+    Raises ``BatchTaken`` when another runner holds the lease, or has scored the batch since
+    it was found pending. Call the lease's ``confirm()`` before writing the record.
+    """
+    landing = Landing(root)
+    lease = landing.take_lease(SCORING, batch_id)
+    try:
+        record = landing.record_of(SCORING, batch_id)
+        if record is not None and record.get("status") == "scored":
+            raise BatchTaken(f"{batch_id}: scored already, at {record.get('at')}")
+        yield lease
+    finally:
+        lease.release()
+
+
+@batch_logged
+def score_and_record(
+    root: str, batch_id: str, settings: Settings, drift: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Score one batch and write its record, holding its lease (see ``scoring_lease``); the
+    DAG's ``score`` task, after its own validate and drift tasks."""
+    with scoring_lease(root, batch_id) as lease:
+        scored = score_batch(root, batch_id, settings)
+        lease.confirm()
+        record_scoring(root, scored, settings, drift)
+    return scored
+
+
 def record_scoring(
     root: str, scored: dict[str, Any], settings: Settings, drift: dict[str, Any] | None = None
 ) -> str:
@@ -366,19 +402,27 @@ def _now() -> str:
 
 # -- whole runs, without a scheduler ---------------------------------------------------------------
 def score_pending(root: str, settings: Settings) -> list[dict[str, Any]]:
-    """What the daily DAG does, in one process: every pending batch, oldest first.
+    """What the daily DAG does, in one process: every pending batch, oldest first; returns
+    what this run scored.
 
-    A batch that fails (bad file, drift block) is logged and the others still run; the
-    function raises at the end if any failed, so a scheduler sees the failure.
+    Each batch is validated, checked for drift, scored and recorded under its lease, so a
+    batch that another runner (the DAG, another `score-pending`) has is skipped, and the log
+    says so. A batch that fails (bad file, drift block) is logged and the others still run;
+    the function raises at the end if any failed, so a scheduler sees the failure.
     """
     done, failed = [], []
     for batch in pending_scoring(root):
         with log_context(batch_id=batch):
             try:
-                validate_batch(root, batch, settings)
-                drift = check_drift(root, batch, settings)
-                scored = score_batch(root, batch, settings)
-                record_scoring(root, scored, settings, drift)
+                with scoring_lease(root, batch) as lease:
+                    validate_batch(root, batch, settings)
+                    drift = check_drift(root, batch, settings)
+                    scored = score_batch(root, batch, settings)
+                    lease.confirm()
+                    record_scoring(root, scored, settings, drift)
+            except BatchTaken as exc:
+                log.info(f"skipped batch {exc}")
+                continue
             except BackorderError as exc:
                 log.info(f"batch {batch}: {exc}")
                 failed.append(batch)
