@@ -1,11 +1,11 @@
 """Daily, and on demand: score every landed batch that has not been scored yet.
 
-find_pending -> validate -> drift -> score -> record, one mapped task group per batch. Tasks
-call one ``backorder.pipelines`` function each and pass batch ids and URIs (JSON XComs, never
-pickles).
+find_pending -> validate -> drift -> score, one mapped task group per batch. Tasks call one
+``backorder.pipelines`` function each and pass batch ids and URIs (JSON XComs, never pickles).
 Re-running is safe: outputs are keyed by batch id and replaced whole, and the manifest record
-(the last step) is what marks a batch as done, so a retry or a backfill redoes only what did
-not finish and never duplicates output.
+(written last) is what marks a batch as done, so a retry or a backfill redoes only what did
+not finish and never duplicates output. ``score`` scores and records a batch under its lease on
+the landing root: a batch that ``backorder score-pending`` (or another run) has is skipped.
 
 Configuration: BACKORDER_CONFIG (settings file) or BACKORDER_* variables; the landing root is
 the ``landing_root`` param, else the ``landing_root`` setting.
@@ -56,23 +56,22 @@ def backorder_batch_prediction() -> None:
 
     @task
     def score(drift_summary: dict[str, Any]) -> dict[str, Any]:
-        from backorder.pipelines import score_batch
+        from airflow.sdk.exceptions import AirflowSkipException
 
-        with final_on_bad_input():
-            scored = score_batch(landing_root(), drift_summary["batch_id"], settings())
-        return scored | {"drift": drift_summary}
+        from backorder.catalog import BatchTaken
+        from backorder.pipelines import score_and_record
 
-    @task
-    def record(scored: dict[str, Any]) -> str:
-        from backorder.pipelines import record_scoring
-
-        drift_summary = scored.pop("drift")
-        return record_scoring(landing_root(), scored, settings(), drift_summary)
+        batch_id = drift_summary["batch_id"]
+        try:
+            with final_on_bad_input():
+                return score_and_record(landing_root(), batch_id, settings(), drift_summary)
+        except BatchTaken as exc:  # another runner has the batch, or scored it already
+            raise AirflowSkipException(str(exc)) from None
 
     # One mapped group per batch: a broken batch fails its own tasks, never its neighbours'.
     @task_group
     def one_batch(batch_id: str) -> None:
-        record(score(drift(validate(batch_id, UNSCORED), UNSCORED)))
+        score(drift(validate(batch_id, UNSCORED), UNSCORED))
 
     one_batch.expand(batch_id=find_pending())
 

@@ -12,7 +12,7 @@ import pytest
 from backorder.config import Settings
 from backorder.dask_engine import predict_partitioned, train_partitioned
 from backorder.data import load_labelled
-from backorder.errors import BackorderError
+from backorder.errors import BackorderError, InputFileError
 from backorder.predict import predict_file
 from backorder.registry import Registry
 from backorder.train import holdout_mask
@@ -139,3 +139,39 @@ def test_cli_train_dask_needs_one_partitioned_folder(tmp_path: Path) -> None:
         home=tmp_path / "home",
     )
     assert result.returncode == 2 and "one --data folder" in result.stderr
+
+
+def test_one_input_name_in_two_formats_is_refused(
+    trained_settings: Settings, tmp_path: Path
+) -> None:
+    frame = pd.read_csv(SAMPLE / "new_batch.csv.gz", dtype=str, keep_default_na=False).head(50)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    frame.to_csv(folder / "a.csv", index=False)
+    frame.to_parquet(folder / "a.parquet", index=False)  # both would be scored into a.parquet
+    frame.to_csv(folder / "b.csv", index=False)
+    with pytest.raises(InputFileError, match=r"in: a\.csv and a\.parquet would both be scored"):
+        predict_partitioned(str(folder), str(tmp_path / "out"), trained_settings, workers=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_rerun_removes_the_success_marker_before_it_replaces_partitions(
+    trained_settings: Settings, tmp_path: Path
+) -> None:
+    from backorder.dask_engine import dask_client
+
+    settings = trained_settings.model_copy(update={"compiled_trees": False})  # faster here
+    frame = pd.read_csv(SAMPLE / "new_batch.csv.gz", dtype=str, keep_default_na=False)
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for i in range(2):
+        frame.iloc[i * 500 : (i + 1) * 500].to_csv(folder / f"part-{i}.csv", index=False)
+    with dask_client(None, 1) as client:  # one cluster for both runs
+        address = client.scheduler.address
+        predict_partitioned(str(folder), str(out), settings, scheduler=address)
+        assert (out / "_SUCCESS.json").is_file()
+        (folder / "part-1.csv").write_text("sku,national_inv\n1,5\n")  # this partition fails
+        with pytest.raises(BackorderError, match="1 of 2 partition"):
+            predict_partitioned(str(folder), str(out), settings, scheduler=address)
+    # part-0 was replaced by the re-run: the old marker must not vouch for the mix.
+    assert not (out / "_SUCCESS.json").exists()

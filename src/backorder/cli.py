@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,14 +24,28 @@ from rich.table import Table
 
 from backorder.config import ROLES, Role, Settings, load_settings
 from backorder.errors import BackorderError, ConfigError
-from backorder.logs import bind, configure_json
-from backorder.uris import is_database, with_table
+from backorder.logs import RedactSecrets, bind, configure_json
+from backorder.uris import is_database, redact, redact_text, remember_secrets, with_table
 
 if TYPE_CHECKING:
     from backorder.data import ChunkProgress
     from backorder.io import Source
 
-app = typer.Typer(
+
+class _Typer(typer.Typer):
+    """An exception no command expected (a bug, a library's own error) still prints its
+    traceback and exits 1, with the passwords of URIs in it masked. (Not sys.excepthook: Typer
+    installs its own on every call.)"""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:
+            sys.stderr.write(redact_text("".join(traceback.format_exception(exc))))
+            raise SystemExit(1) from None
+
+
+app = _Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -98,6 +113,8 @@ def _main(
         ),
     ] = LogFormat.text,
 ) -> None:
+    # Every URI given on the command line: its password is masked in whatever is printed.
+    remember_secrets(*sys.argv[1:])
     if log_format is LogFormat.json:
         configure_json()
     else:
@@ -127,7 +144,9 @@ def _configure_text() -> None:
     logger = logging.getLogger("backorder")
     for stale in [handler for handler in logger.handlers if isinstance(handler, _TextHandler)]:
         logger.removeHandler(stale)  # one handler, however many commands run in a process
-    logger.addHandler(_TextHandler(logging.INFO))
+    handler = _TextHandler(logging.INFO)
+    handler.addFilter(RedactSecrets())
+    logger.addHandler(handler)
     logger.setLevel(logging.INFO)
 
 
@@ -159,7 +178,15 @@ def _guard(action: Callable[[], Result]) -> Result:
 
 def _settings(config: Path | None, **overrides: Any) -> Settings:
     given = {name: value for name, value in overrides.items() if value is not None}
-    return _guard(lambda: load_settings(config, **given))
+    settings = _guard(lambda: load_settings(config, **given))
+    remember_secrets(
+        settings.resolved_tracking_uri,
+        settings.artifact_location,
+        settings.resolved_state_url,
+        settings.resolved_landing_root,
+        settings.pushgateway_url,
+    )
+    return settings
 
 
 @contextmanager
@@ -178,7 +205,7 @@ def _reading_progress() -> Iterator[ChunkProgress]:
 
     def on_chunk(table: Source) -> None:
         if table.uri not in tasks:
-            tasks[table.uri] = progress.add_task(table.uri, total=table.size_bytes)
+            tasks[table.uri] = progress.add_task(redact(table.uri), total=table.size_bytes)
         progress.update(tasks[table.uri], completed=table.position())
 
     with progress:
@@ -192,7 +219,7 @@ def _with_tables(uris: list[str], tables: list[str]) -> list[str]:
     for uri in uris:
         if is_database(uri) and "#" not in uri:
             if not remaining:
-                raise ConfigError(f"{uri}: a database input needs --data-table NAME")
+                raise ConfigError(f"{redact(uri)}: a database input needs --data-table NAME")
             paired.append(f"{uri}#{remaining.pop(0)}")
         else:
             paired.append(uri)
@@ -332,7 +359,7 @@ def predict(  # noqa: PLR0913, PLR0917
         typer.Option(
             "--batch-id",
             help="Id of this batch; re-scoring the same id replaces its rows in tables "
-            "(default: the time now, UTC).",
+            "(default: the time now, UTC, made unique: 20261128T172342Z_048213-9f3ac1).",
         ),
     ] = None,
     engine: Annotated[
@@ -373,7 +400,7 @@ def predict(  # noqa: PLR0913, PLR0917
             f"{totals['scored']:,} ({totals['flagged']:,} flagged), rejected "
             f"{totals['rejected']:,}; model v{totals['model_version']}"
         )
-        out.print(f"predictions: {output} (_SUCCESS.json lists every partition)")
+        out.print(f"predictions: {redact(output)} (_SUCCESS.json lists every partition)")
         return
     from backorder.contract import required_columns
     from backorder.io import open_input
@@ -388,7 +415,9 @@ def predict(  # noqa: PLR0913, PLR0917
     _guard(lambda: table.require(required_columns(False)))
     loaded = _guard(lambda: Registry(settings).load_for_scoring(model))
     bind(model_version=loaded.version)
-    log.info(f"scoring {source} with model v{loaded.version} ({loaded.scoring_engine} trees)")
+    log.info(
+        f"scoring {redact(source)} with model v{loaded.version} ({loaded.scoring_engine} trees)"
+    )
     with _reading_progress() as on_chunk:
         summary = _guard(
             lambda: predict_file(
@@ -432,11 +461,13 @@ def drift(
     cur_rows, cur_read, cur_rejected = _guard(lambda: load_rows(current, block))
     for name, rows in ((reference, ref_rows), (current, cur_rows)):
         if rows.empty:
-            _fail(f"{name}: no valid rows to compare", 2)
+            _fail(f"{redact(name)}: no valid rows to compare", 2)
     scorer = _guard(lambda: Registry(settings).load(model)) if model is not None else None
+    # Named without their passwords: drift.json and the report keep these names.
+    shown = redact(reference), redact(current)
     details = {
-        "reference": reference,
-        "current": current,
+        "reference": shown[0],
+        "current": shown[1],
         "rejected": {"reference": ref_rejected, "current": cur_rejected},
         "read": {"reference": ref_read, "current": cur_read},
     }
@@ -444,7 +475,7 @@ def drift(
         lambda: check_and_report(
             ref_rows,
             cur_rows,
-            DriftFiles(output, Path(current).name, (reference, current), details),
+            DriftFiles(output, Path(shown[1]).name, shown, details),
             settings.drift_psi_threshold,
             scorer,
         )
@@ -476,7 +507,8 @@ def land(
         str, typer.Option("--kind", help="'unscored' (to be scored) or 'labelled' (history).")
     ] = "unscored",
     batch_id: Annotated[
-        str | None, typer.Option("--batch-id", help="Default: the time now, UTC.")
+        str | None,
+        typer.Option("--batch-id", help="Default: the time now, UTC, made unique."),
     ] = None,
     root: RootOption = None,
     config: ConfigOption = None,
@@ -488,7 +520,7 @@ def land(
         _fail(f"--kind {kind}: expected {UNSCORED} or {LABELLED}", 2)
     settings = _settings(config, landing_root=root)
     uri = _guard(lambda: Landing(settings.resolved_landing_root).land(input, kind, batch_id))
-    out.print(f"landed: {uri}")
+    out.print(f"landed: {redact(uri)}")
 
 
 @app.command()
@@ -518,14 +550,14 @@ def batches(
     strays = {kind: landing.strays(kind) for kind in (UNSCORED, LABELLED)}
     if as_json:
         payload = {
-            "root": where,
+            "root": redact(where),
             "manifest": json.loads(frame.to_json(orient="records")),
             "waiting": waiting,
             "ignored": strays,
         }
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
-    out.print(f"landing root: {where}")
+    out.print(f"landing root: {redact(where)}")
     if frame.empty:
         out.print("manifest: empty")
     else:
@@ -543,7 +575,11 @@ def batches(
 
 @app.command("score-pending")
 def score_pending(root: RootOption = None, config: ConfigOption = None) -> None:
-    """Score every landed batch not scored yet (what the daily DAG does), oldest first."""
+    """Score every landed batch not scored yet (what the daily DAG does), oldest first.
+
+    Each batch is scored under its lease: a batch another runner has is skipped, and says so.
+    The last line, `scored N batch(es)`, counts the batches this run scored.
+    """
     from backorder.pipelines import score_pending as run
 
     settings = _settings(config, landing_root=root)
@@ -639,9 +675,11 @@ def models_promote(
     from backorder.registry import Registry
 
     settings = _settings(config)
-    registry = Registry(settings)
-    _guard(lambda: registry.promote(version))
-    out.print(f"champion is now v{registry.resolve('champion')}")
+    done = _guard(lambda: Registry(settings).promote(version))
+    if done.promoted:
+        out.print(f"champion is now v{done.champion}")
+    else:
+        out.print(f"{done.reason}; nothing changed")
 
 
 @models_app.command("rollback")

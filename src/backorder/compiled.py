@@ -6,14 +6,22 @@ a minute or more, so the shared object is cached beside the registry (``HOME/com
 by the booster's text, the lleaves version and the machine, and reused by every later load.
 When lleaves is missing, fails, or disagrees with LightGBM, scoring falls back to LightGBM's
 own predict with one warning; nothing else changes.
+
+Loading a cached object runs its machine code, so the cache is guarded: the folder is private
+to the user (0700, tightened if found looser, and then nothing already in it is trusted), the
+SHA-256 of each object is recorded beside it when it is built, and an object is loaded only
+from a private copy of bytes that match the record. One that does not match, or has no record,
+is rebuilt, never loaded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import os
 import platform
+import stat
 import tempfile
 import threading
 import time
@@ -27,6 +35,8 @@ import numpy as np
 
 MAX_ABS_DIFF = 1e-9
 CHECK_ROWS = 5_000
+# The SHA-256 of a cached object, beside it: "KEY.so" -> "KEY.so.sha256".
+RECORD_SUFFIX = ".sha256"
 _locks: dict[str, threading.Lock] = {}
 log = logging.getLogger(__name__)
 
@@ -35,13 +45,75 @@ class CompiledTreesUnavailable(UserWarning):
     """Scoring uses LightGBM because compiled trees could not be built or did not match."""
 
 
-def _cache_key(model_text: str) -> str:
+def cache_key(model_text: str) -> str:
+    """The cached object's name for a booster (its text as ``model_to_string`` gives it)."""
     try:
         version = metadata.version("lleaves")
     except metadata.PackageNotFoundError:
         version = "none"
     digest = hashlib.sha256(model_text.encode()).hexdigest()[:20]
     return f"{digest}-lleaves{version}-{platform.machine()}"
+
+
+def private_folder(folder: Path) -> None:
+    """Make ``folder`` (the cache) private to this user: created 0700, tightened to 0700 when
+    found looser. Others could write in a looser folder, so then every record in it is dropped
+    and each object rebuilt before it is loaded. A folder of another user is refused."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.stat()
+    if info.st_uid != os.getuid():
+        raise PermissionError(f"{folder} belongs to another user (uid {info.st_uid})")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        folder.chmod(0o700)
+        dropped = list(folder.glob(f"*{RECORD_SUFFIX}"))
+        for record in dropped:
+            record.unlink(missing_ok=True)
+        log.warning(
+            f"{folder} was open to other users (mode {stat.S_IMODE(info.st_mode):o}): made it "
+            f"private (700); its {len(dropped)} compiled model(s) will be rebuilt, not loaded"
+        )
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def verified_object(target: Path) -> bytes | None:
+    """The cached object's bytes if they match the SHA-256 recorded when it was built; None
+    when there is none, or no record, or a mismatch (then it is rebuilt, never loaded)."""
+    record = target.with_name(target.name + RECORD_SUFFIX)
+    try:
+        data = target.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        recorded = record.read_text(encoding="ascii").strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        log.warning(f"{target.name}: compiled model without a recorded SHA-256; rebuilding it")
+        return None
+    if not hmac.compare_digest(_digest(data), recorded):
+        log.warning(
+            f"{target.name}: compiled model does not match the SHA-256 recorded when it was "
+            "built; rebuilding it, not loading it"
+        )
+        return None
+    return data
+
+
+def _build(model: Any, cache_dir: Path, key: str, target: Path) -> None:
+    """Compile ``model``, which keeps the code it compiled, and cache the object and its
+    SHA-256 (each written to a private name, then renamed: a reader never sees half)."""
+    pid = os.getpid()
+    partial = cache_dir / f".{key}.{pid}.tmp.so"
+    # lleaves loads, unchecked, whatever already sits at the cache path it is given: a file a
+    # crashed process of the same pid left there must go first.
+    partial.unlink(missing_ok=True)
+    model.compile(cache=str(partial), raw_score=True)
+    digest = _digest(partial.read_bytes())
+    os.replace(partial, target)
+    record = cache_dir / f".{key}.{pid}.tmp{RECORD_SUFFIX}"
+    record.write_text(digest + "\n", encoding="ascii")
+    os.replace(record, target.with_name(target.name + RECORD_SUFFIX))
 
 
 class CompiledTrees:
@@ -75,23 +147,25 @@ def compile_booster(
         import lleaves
 
         text = booster.model_to_string()
-        key = _cache_key(text)
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        key = cache_key(text)
+        private_folder(cache_dir)
         target = cache_dir / f"{key}.so"
         lock = _locks.setdefault(key, threading.Lock())
         with lock, tempfile.TemporaryDirectory(prefix="backorder-lleaves-") as tmp:
             model_file = Path(tmp) / "model.txt"
             model_file.write_text(text, encoding="utf-8")
             model = lleaves.Model(model_file=str(model_file))
-            fresh = not target.is_file()
-            if not fresh:
-                model.compile(cache=str(target), raw_score=True)
+            cached = verified_object(target)
+            fresh = cached is None
+            if cached is not None:
+                # Loaded from a copy in this process's private folder, of the bytes just
+                # checked: the cached file may change after the check, the copy cannot.
+                copy = Path(tmp) / "compiled.so"
+                copy.write_bytes(cached)
+                model.compile(cache=str(copy), raw_score=True)
             else:
                 log.info(f"compiling {booster.num_trees()} trees (once; cached in {cache_dir})")
-                # Compile to a private name, then rename: a concurrent reader never sees half.
-                partial = cache_dir / f".{key}.{os.getpid()}.tmp.so"
-                model.compile(cache=str(partial), raw_score=True)
-                os.replace(partial, target)
+                _build(model, cache_dir, key, target)
         compiled = CompiledTrees(model, target, n_jobs or os.cpu_count() or 1)
     except Exception as exc:
         warnings.warn(

@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 from backorder.errors import ConfigError
+from backorder.uris import encoded_credentials
 
 # Who may do what on the server. viewer < planner < admin; `metrics` may only read /metrics
 # (the key Prometheus scrapes with).
@@ -316,10 +317,11 @@ class Settings(BaseSettings):
 
     @property
     def resolved_tracking_uri(self) -> str:
+        # Credentials encoded: MLflow's parsers would send part of a raw '@' password to the host.
         if self.tracking_uri:
-            return self.tracking_uri
+            return encoded_credentials(self.tracking_uri)
         if os.environ.get("MLFLOW_TRACKING_URI"):
-            return os.environ["MLFLOW_TRACKING_URI"]
+            return encoded_credentials(os.environ["MLFLOW_TRACKING_URI"])
         return f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
 
     @property

@@ -18,6 +18,7 @@ from backorder.config import Settings, load_settings
 from backorder.errors import InputFileError
 from backorder.logs import fields_into_messages
 from backorder.pipelines import DriftBlocked
+from backorder.uris import redact_text, remember_secrets
 
 # Airflow's task logs keep a stdlib record's message and drop its extra fields: put the batch
 # id, model version and counts into the message instead.
@@ -36,11 +37,20 @@ DAG_ARGS: dict[str, Any] = {
 
 def settings() -> Settings:
     """From BACKORDER_CONFIG and BACKORDER_* variables, read when a task runs."""
-    return load_settings(None)
+    loaded = load_settings(None)
+    # Task logs and failure messages mask these URIs' passwords wherever they appear.
+    remember_secrets(
+        loaded.resolved_tracking_uri,
+        loaded.artifact_location,
+        loaded.resolved_landing_root,
+        loaded.pushgateway_url,
+    )
+    return loaded
 
 
 def landing_root() -> str:
     given = get_current_context()["params"].get("landing_root")
+    remember_secrets(given)
     return str(given or settings().resolved_landing_root)
 
 
@@ -51,7 +61,7 @@ def final_on_bad_input() -> Iterator[None]:
     try:
         yield
     except (InputFileError, DriftBlocked) as exc:
-        raise AirflowFailException(str(exc)) from None
+        raise AirflowFailException(redact_text(str(exc))) from None
 
 
 @task

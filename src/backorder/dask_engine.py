@@ -5,7 +5,9 @@ one task: a worker loads the model once (compiled trees from the shared cache wh
 runs the same ``predict_file`` as ``backorder predict`` and writes ``<output>/<name>.parquet``
 and ``<name>.rejects.parquet`` atomically. The driver reconciles the counts of every partition
 and, only when all succeeded, writes ``<output>/_SUCCESS.json`` with the totals: readers wait
-for that marker, and a re-run overwrites each partition's files, never duplicating them.
+for that marker. A re-run removes the marker first, then overwrites each partition's files,
+never duplicating them. Two inputs that would share an output name (``a.csv`` and
+``a.parquet``) are refused before anything is scored.
 
 Without ``--scheduler`` a ``LocalCluster`` of processes is started on 127.0.0.1 (dashboard off)
 and stopped afterwards. With an address, the existing cluster's workers must reach the same
@@ -14,6 +16,7 @@ registry (``tracking_uri``) and storage (S3 or a shared file system) as the driv
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -26,8 +29,9 @@ import fsspec
 import fsspec.core
 
 from backorder.config import Settings
-from backorder.errors import BackorderError, InputFileError
+from backorder.errors import BackorderError, InputFileError, first_line
 from backorder.io import is_remote, table_suffix, write_json_atomic
+from backorder.uris import redact, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +44,10 @@ def partitions(uri: str) -> list[str]:
     try:
         names = sorted(str(p) for p in fs.ls(path, detail=False))
     except FileNotFoundError:
-        raise InputFileError(f"{uri}: folder not found") from None
+        raise InputFileError(f"{redact(uri)}: folder not found") from None
     except Exception as exc:
-        raise InputFileError(f"{uri}: cannot be listed ({exc})") from None
+        reason = redact_text(first_line(exc), uri)
+        raise InputFileError(f"{redact(uri)}: cannot be listed ({reason})") from None
     protocol = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
     found = [
         protocol + name
@@ -52,7 +57,7 @@ def partitions(uri: str) -> list[str]:
         and ".rejects." not in Path(name).name
     ]
     if not found:
-        raise InputFileError(f"{uri}: no Parquet or CSV files to score")
+        raise InputFileError(f"{redact(uri)}: no Parquet or CSV files to score")
     return found
 
 
@@ -60,6 +65,31 @@ def _output_name(partition: str) -> str:
     name = Path(partition).name
     suffix = table_suffix(name) or ""
     return name[: len(name) - len(suffix)] + ".parquet"
+
+
+def _check_output_names(input_uri: str, files: list[str]) -> None:
+    """Refuse inputs whose outputs would overwrite each other (``a.csv`` and ``a.parquet``)."""
+    taken: dict[str, str] = {}
+    for file in files:
+        output = _output_name(file)
+        if output in taken:
+            raise InputFileError(
+                f"{input_uri}: {Path(taken[output]).name} and {Path(file).name} would both be "
+                f"scored into {output}; keep one of them"
+            )
+        taken[output] = file
+
+
+def _success_marker(output_uri: str) -> str:
+    return f"{output_uri.rstrip('/')}/_SUCCESS.json"
+
+
+def _remove_success_marker(output_uri: str) -> None:
+    """Before partitions are replaced: a marker left in place would vouch for a mix of old and
+    new partitions if the run stopped half-way."""
+    fs, path = fsspec.core.url_to_fs(_success_marker(output_uri))
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(path)
 
 
 def score_partition(
@@ -84,7 +114,7 @@ def score_partition(
         batch_id=batch_id,
     )
     return {
-        "partition": partition,
+        "partition": redact(partition),
         "output": summary.output,
         "rejects": summary.rejects,
         "model_version": summary.model_version,
@@ -135,6 +165,7 @@ def predict_partitioned(  # noqa: PLR0913 -- one run's input, outputs, model and
     from backorder.registry import Registry
 
     files = partitions(input_uri)
+    _check_output_names(input_uri, files)
     batch_id = batch_id or new_batch_id()
     # Resolve the version once, so every worker scores with the same model even if a new
     # champion is promoted mid-run; compile (and cache) it here once rather than per worker.
@@ -145,6 +176,7 @@ def predict_partitioned(  # noqa: PLR0913 -- one run's input, outputs, model and
     settings_json = settings.model_dump_json()
     results: list[dict[str, Any]] = []
     failures: list[str] = []
+    _remove_success_marker(output_uri)
     with dask_client(scheduler, workers) as client:
         from dask.distributed import as_completed
 
@@ -181,14 +213,14 @@ def predict_partitioned(  # noqa: PLR0913 -- one run's input, outputs, model and
         raise RuntimeError(f"row counts do not reconcile: {totals}")
     summary = {
         "batch_id": batch_id,
-        "input": input_uri,
-        "output": output_uri,
+        "input": redact(input_uri),
+        "output": redact(output_uri),
         "model_version": version,
         "partitions": sorted(results, key=lambda r: r["partition"]),
         **totals,
     }
     # The marker comes last: its presence means every partition above is complete.
-    write_json_atomic(f"{output_uri.rstrip('/')}/_SUCCESS.json", summary)
+    write_json_atomic(_success_marker(output_uri), summary)
     return summary
 
 

@@ -5,11 +5,14 @@ Inputs stream in bounded chunks like files do. Outputs are idempotent per batch:
 batch replaces its rows, never adds to them.
 
 - SQL: one transaction per batch: delete the batch's rows, insert the new ones, commit. Readers
-  see the old rows or the new ones, never a mix, and a failed run leaves the old rows.
+  see the old rows or the new ones, never a mix, and a failed (or killed) run leaves the old rows.
 - MongoDB: multi-document transactions need a replica set, which a plain server does not have,
-  so documents carry the id of the run that wrote them. A run inserts its documents and then,
-  only once all are in, deletes the batch's documents from any other run; a failed run deletes
-  its own. The code is plain pymongo so that a real MongoDB works unchanged.
+  so documents carry the id of the run that wrote them, and a commit marker written last says
+  which run of each batch counts: ``TABLE_commits`` holds ``{_id: <batch id>, run_id}``. Readers
+  read through ``committed_filter`` (or the same lookup in any language), so they never see a
+  run that is still writing, failed or was killed; the documents of such runs, and of runs a
+  later commit replaced, are deleted when the collection is next written. The code is plain
+  pymongo so that a real MongoDB works unchanged.
 
 The drivers (SQLAlchemy, pymongo) are imported where used: runs on files never load them.
 """
@@ -19,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pandas as pd
@@ -34,18 +39,27 @@ from backorder.contract import (
     require_columns,
 )
 from backorder.errors import BackorderError, InputFileError, OutputError, first_line
-from backorder.uris import is_mongo, redact, split_table
+from backorder.uris import encoded_credentials, is_mongo, redact, redact_text, split_table
 
 BATCH_ID = "batch_id"
 RUN_ID = "run_id"
+# A MongoDB run that has written nothing for this long is abandoned (killed, or cut off from the
+# server): the next write to its collection deletes its documents. Runs write every few seconds.
+ABANDONED_AFTER_SECONDS = 15 * 60
 
 
 def sqlalchemy_url(uri: str) -> str:
+    # Credentials encoded: a raw '@' or ':' in a password must not reach the host or port.
+    scheme, _, rest = encoded_credentials(uri).partition("://")
     # psycopg 3 is the driver we ship; plain postgresql:// would ask SQLAlchemy for psycopg2.
-    scheme, _, rest = uri.partition("://")
     if scheme in ("postgresql", "postgres"):
         return f"postgresql+psycopg://{rest}"
-    return uri
+    return f"{scheme}://{rest}"
+
+
+def _reason(exc: BaseException, uri: str) -> str:
+    """A driver's reason, on one line, without the secrets of ``uri``."""
+    return redact_text(first_line(exc), uri)
 
 
 class DatabaseInput:
@@ -65,6 +79,9 @@ class DatabaseInput:
     @property
     def name(self) -> str:
         return f"{redact(self.base)}#{self.table}"
+
+    def _why(self, exc: BaseException) -> str:
+        return _reason(exc, self.base)
 
     def _open(self) -> list[str]:
         raise NotImplementedError
@@ -106,7 +123,7 @@ class SqlInput(DatabaseInput):
         except sa.exc.NoSuchTableError:
             raise InputFileError(f"{self.name}: table not found") from None
         except (sa.exc.SQLAlchemyError, ImportError, ValueError) as exc:
-            raise InputFileError(f"{self.name}: cannot be read ({first_line(exc)})") from None
+            raise InputFileError(f"{self.name}: cannot be read ({self._why(exc)})") from None
         return [c.name for c in self._table.columns]
 
     def _batches(self) -> Iterator[list[tuple[Any, ...]]]:
@@ -121,7 +138,7 @@ class SqlInput(DatabaseInput):
                 for partition in result.partitions(self.block_rows):
                     yield [tuple(row) for row in partition]
         except sa.exc.SQLAlchemyError as exc:
-            raise InputFileError(f"{self.name}: cannot be read ({first_line(exc)})") from None
+            raise InputFileError(f"{self.name}: cannot be read ({self._why(exc)})") from None
         finally:
             self._engine.dispose()
 
@@ -135,13 +152,13 @@ def _mongo_database(uri: str) -> tuple[Any, Any]:
     """A client and the database the URI names (``mongodb://host:port/DB``)."""
     import pymongo
 
-    client: Any = pymongo.MongoClient(uri, serverSelectionTimeoutMS=10_000)
+    client: Any = pymongo.MongoClient(encoded_credentials(uri), serverSelectionTimeoutMS=10_000)
     return client, client.get_default_database()
 
 
 @contextlib.contextmanager
 def _mongo_errors(
-    name: str, failing: str, error: type[BackorderError] = InputFileError
+    name: str, uri: str, failing: str, error: type[BackorderError] = InputFileError
 ) -> Iterator[None]:
     """pymongo's errors as one line naming the collection: a URI without a database, or
     ``failing`` ("cannot be read") with the server's reason."""
@@ -150,15 +167,17 @@ def _mongo_errors(
     try:
         yield
     except pymongo.errors.ConfigurationError as exc:
-        raise InputFileError(f"{name}: name the database in the URI ({first_line(exc)})") from None
+        raise InputFileError(
+            f"{name}: name the database in the URI ({_reason(exc, uri)})"
+        ) from None
     except pymongo.errors.PyMongoError as exc:
-        raise error(f"{name}: {failing} ({first_line(exc)})") from None
+        raise error(f"{name}: {failing} ({_reason(exc, uri)})") from None
 
 
 class MongoInput(DatabaseInput):
     def _open(self) -> list[str]:
 
-        with _mongo_errors(self.name, "cannot be read"):
+        with _mongo_errors(self.name, self.base, "cannot be read"):
             self._client, database = _mongo_database(self.base)
             if self.table not in database.list_collection_names():
                 raise InputFileError(f"{self.name}: collection not found")
@@ -184,7 +203,7 @@ class MongoInput(DatabaseInput):
             if batch:
                 yield batch
         except pymongo.errors.PyMongoError as exc:
-            raise InputFileError(f"{self.name}: cannot be read ({first_line(exc)})") from None
+            raise InputFileError(f"{self.name}: cannot be read ({self._why(exc)})") from None
         finally:
             self._client.close()
 
@@ -240,6 +259,9 @@ class DatabaseOutput:
     def name(self) -> str:
         return f"{redact(self.base)}#{self.table}"
 
+    def _why(self, exc: BaseException) -> str:
+        return _reason(exc, self.base)
+
     def __str__(self) -> str:
         return self.name
 
@@ -289,9 +311,9 @@ class SqlOutput(DatabaseOutput):
         self._table = sa.Table(self.table, sa.MetaData(), *columns)
         try:
             self._engine = sa.create_engine(sqlalchemy_url(self.base))
+            self._create_table()
             self._connection: Any = self._engine.connect()
             self._transaction = self._connection.begin()
-            self._table.create(self._connection, checkfirst=True)
             self._check_columns()
             # Re-scoring replaces the batch: its old rows go in the same transaction.
             self._connection.execute(
@@ -299,7 +321,20 @@ class SqlOutput(DatabaseOutput):
             )
         except sa.exc.SQLAlchemyError as exc:
             self.abort()
-            raise OutputError(f"{self.name}: cannot be written ({first_line(exc)})") from None
+            raise OutputError(f"{self.name}: cannot be written ({self._why(exc)})") from None
+
+    def _create_table(self) -> None:
+        """Create the table on first use, in a transaction of its own: two runs starting on a
+        new table at once both try, and PostgreSQL refuses the second (a unique violation in
+        its catalog), which then finds the table there."""
+        import sqlalchemy as sa
+
+        try:
+            with self._engine.begin() as connection:
+                self._table.create(connection, checkfirst=True)
+        except sa.exc.SQLAlchemyError:
+            if not sa.inspect(self._engine).has_table(self.table):
+                raise
 
     def _check_columns(self) -> None:
         import sqlalchemy as sa
@@ -323,7 +358,7 @@ class SqlOutput(DatabaseOutput):
         try:
             self._connection.execute(self._table.insert(), records)
         except sa.exc.SQLAlchemyError as exc:
-            raise OutputError(f"{self.name}: cannot be written ({first_line(exc)})") from None
+            raise OutputError(f"{self.name}: cannot be written ({self._why(exc)})") from None
         self.rows += len(frame)
 
     def commit(self) -> None:
@@ -332,7 +367,7 @@ class SqlOutput(DatabaseOutput):
         try:
             self._transaction.commit()
         except sa.exc.SQLAlchemyError as exc:
-            raise OutputError(f"{self.name}: commit failed ({first_line(exc)})") from None
+            raise OutputError(f"{self.name}: commit failed ({self._why(exc)})") from None
         finally:
             self._close()
 
@@ -360,19 +395,93 @@ class SqlOutput(DatabaseOutput):
             engine.dispose()
 
 
+# -- MongoDB: runs, commit markers and the read filter ---------------------------------------------
+COMMIT, RUN = "commit", "run"
+WRITING, COMMITTED = "writing", "committed"
+
+
+def commits_collection(table: str) -> str:
+    """The collection beside ``table`` that holds its commit markers and its runs."""
+    return f"{table}_commits"
+
+
+def _run_key(run_id: str) -> str:
+    return f"run:{run_id}"
+
+
+def committed_runs(database: Any, table: str) -> dict[str, str]:
+    """Batch id -> id of the run whose documents are the batch, for the collection ``table``."""
+    markers = database[commits_collection(table)].find({"kind": COMMIT}, {RUN_ID: True})
+    return {str(m["_id"]): str(m[RUN_ID]) for m in markers}
+
+
+def committed_filter(database: Any, table: str, batch_id: str | None = None) -> dict[str, Any]:
+    """The filter that reads a MongoDB output as committed: of each batch (or of ``batch_id``
+    only), the documents of the run its commit marker names; never those of a run that is still
+    writing, failed or was killed. ``database[table].find(committed_filter(database, table))``.
+    """
+    runs = committed_runs(database, table)
+    if batch_id is not None:
+        runs = {batch_id: runs[batch_id]} if batch_id in runs else {}
+    # Run ids are unique across batches; an empty $in matches nothing.
+    return {RUN_ID: {"$in": sorted(runs.values())}}
+
+
 class MongoOutput(DatabaseOutput):
+    """A batch's documents in a collection, made visible at once by a commit marker.
+
+    The run registers itself (``run:<run id>`` in ``TABLE_commits``, with the time it last
+    wrote), inserts its documents, checks they are all there and then writes the batch's marker,
+    ``{_id: <batch id>, run_id}``: one single-document write, the commit point. Opening an output
+    first deletes the documents of runs that will never be read: runs abandoned for
+    ``ABANDONED_AFTER_SECONDS`` and runs whose batch a later run committed.
+    """
+
     def __init__(
         self, uri: str, template: pd.DataFrame, batch_id: str, rejects: bool = False
     ) -> None:
-
         super().__init__(uri, template, batch_id, rejects)
         self.run_id = uuid.uuid4().hex
-        with _mongo_errors(self.name, "cannot be written", OutputError):
+        self._previous: dict[str, Any] | None = None  # the batch's marker before this commit
+        with _mongo_errors(self.name, self.base, "cannot be written", OutputError):
             self._client, database = _mongo_database(self.base)
-            self._collection = database[self.table]
-            self._collection.create_index(
-                [(BATCH_ID, 1), (RUN_ID, 1), ("row_number", 1)], unique=True
-            )
+            try:
+                self._collection = database[self.table]
+                self._commits = database[commits_collection(self.table)]
+                self._collection.create_index(
+                    [(BATCH_ID, 1), (RUN_ID, 1), ("row_number", 1)], unique=True
+                )
+                self._collection.create_index([(RUN_ID, 1)])
+                self._clean_up()
+                self._commits.insert_one(
+                    {
+                        "_id": _run_key(self.run_id),
+                        "kind": RUN,
+                        BATCH_ID: batch_id,
+                        "state": WRITING,
+                        "started_at": _now_iso(),
+                        "alive": time.time(),  # a number: compared with $lt by every server
+                    }
+                )
+            except BaseException:
+                self._client.close()
+                raise
+
+    def _clean_up(self) -> None:
+        """Delete the documents of runs no reader will read: abandoned, or replaced."""
+        # Runs before markers: a run writes its marker before it says it committed, so a run
+        # seen as committed here has its marker in the list read next, unless it was replaced.
+        runs = list(self._commits.find({"kind": RUN}, {"state": True, "alive": True}))
+        committed = set(committed_runs(self._collection.database, self.table).values())
+        abandoned = time.time() - ABANDONED_AFTER_SECONDS
+        for run in runs:
+            run_id = str(run["_id"]).removeprefix("run:")
+            if run_id in committed:
+                continue
+            if run.get("state") == WRITING and float(run.get("alive", 0)) > abandoned:
+                continue  # still writing, perhaps in another process
+            self._collection.delete_many({RUN_ID: run_id})
+            self._commits.delete_one({"_id": run["_id"]})
 
     def write(self, frame: pd.DataFrame) -> None:
         import pymongo.errors
@@ -388,32 +497,82 @@ class MongoOutput(DatabaseOutput):
                 record["record"] = json.loads(record["record"])
         try:
             self._collection.insert_many(records, ordered=False)
+            self._commits.update_one(
+                {"_id": _run_key(self.run_id)}, {"$set": {"alive": time.time()}}
+            )
         except pymongo.errors.PyMongoError as exc:
-            raise OutputError(f"{self.name}: cannot be written ({first_line(exc)})") from None
+            raise OutputError(f"{self.name}: cannot be written ({self._why(exc)})") from None
         self.rows += len(frame)
 
     def commit(self) -> None:
         import pymongo.errors
 
         try:
-            self._collection.delete_many({BATCH_ID: self.batch_id, RUN_ID: {"$ne": self.run_id}})
+            stored = self._collection.count_documents({RUN_ID: self.run_id})
+            if stored != self.rows:
+                raise OutputError(
+                    f"{self.name}: batch {self.batch_id}: {stored:,} of this run's "
+                    f"{self.rows:,} documents are there (another run took it for abandoned); "
+                    "nothing was committed"
+                )
+            self._previous = self._commits.find_one({"_id": self.batch_id})
+            self._commits.replace_one(
+                {"_id": self.batch_id},
+                {
+                    "_id": self.batch_id,
+                    "kind": COMMIT,
+                    RUN_ID: self.run_id,
+                    "rows": self.rows,
+                    "committed_at": _now_iso(),
+                },
+                upsert=True,
+            )
         except pymongo.errors.PyMongoError as exc:
-            raise OutputError(f"{self.name}: commit failed ({first_line(exc)})") from None
-        finally:
             self._client.close()
-
-    def abort(self) -> None:
-        # The server may be gone; then the next successful run of the batch cleans up.
-        with contextlib.suppress(Exception):
-            self._collection.delete_many({BATCH_ID: self.batch_id, RUN_ID: self.run_id})
+            raise OutputError(f"{self.name}: commit failed ({self._why(exc)})") from None
+        # Committed: what follows only tidies up, so its failure must not fail the run.
+        with contextlib.suppress(pymongo.errors.PyMongoError):
+            self._commits.update_one(
+                {"_id": _run_key(self.run_id)},
+                {"$set": {"state": COMMITTED, "alive": time.time()}},
+            )
+            # Documents from before commit markers (no run registered) are the batch's old ones.
+            known = [
+                str(r["_id"]).removeprefix("run:")
+                for r in self._commits.find({"kind": RUN, BATCH_ID: self.batch_id}, {"_id": True})
+            ]
+            self._collection.delete_many({BATCH_ID: self.batch_id, RUN_ID: {"$nin": known}})
         self._client.close()
 
-    def discard(self) -> None:
+    def abort(self) -> None:
+        self._client.close()
+        self._withdraw()
 
-        client, database = _mongo_database(self.base)
+    def discard(self) -> None:
+        self._withdraw()
+
+    def _withdraw(self) -> None:
+        """Take this run back, committed or not: the batch's marker returns to the run it named
+        before (when it names this one), then this run's documents go. The server may be gone;
+        then the next write to the collection deletes them."""
         with contextlib.suppress(Exception):
-            database[self.table].delete_many({BATCH_ID: self.batch_id, RUN_ID: self.run_id})
-        client.close()
+            client, database = _mongo_database(self.base)
+            try:
+                commits = database[commits_collection(self.table)]
+                mine = {"_id": self.batch_id, RUN_ID: self.run_id}
+                previous = self._previous
+                if previous is not None and commits.find_one({"_id": _run_key(previous[RUN_ID])}):
+                    commits.replace_one(mine, previous)
+                else:
+                    commits.delete_one(mine)
+                database[self.table].delete_many({RUN_ID: self.run_id})
+                commits.delete_one({"_id": _run_key(self.run_id)})
+            finally:
+                client.close()
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def open_database_output(

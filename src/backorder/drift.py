@@ -27,6 +27,7 @@ from backorder.contract import FEATURE_COLUMNS, FLAG_COLUMNS
 from backorder.io import write_json_atomic, write_text_atomic
 from backorder.model import Scorer
 from backorder.report import TEMPLATES, Plot, png
+from backorder.uris import redact, redact_fields
 
 EPSILON = 1e-4  # floor for empty bins, so that PSI stays finite
 N_BINS = 10
@@ -214,8 +215,8 @@ def drift_report(
     return TEMPLATES.get_template("report_drift.html").render(
         title="Drift report",
         intro=[
-            ("reference", reference_name),
-            ("current", current_name),
+            ("reference", redact(reference_name)),
+            ("current", redact(current_name)),
             ("reference rows", result.reference_rows),
             ("current rows", result.current_rows),
             ("PSI threshold", result.threshold),
@@ -256,7 +257,9 @@ def check_and_report(
     """Compare ``current`` with ``reference`` (and, with a model, its predicted probabilities)
     and write drift_report.html, drift.json (the summary plus ``files.details``) and drift.prom
     (labelled ``files.batch``) into ``files.folder``."""
-    folder, batch, names, details = files.folder, files.batch, files.names, files.details
+    folder, batch, names = files.folder, redact(files.batch), files.names
+    # The report and drift.json are shared: they name data without passwords, whatever given.
+    details = redact_fields(files.details or {})
     probabilities = (
         (model.probability(reference), model.probability(current))
         if model is not None
@@ -266,7 +269,7 @@ def check_and_report(
     report = write_text_atomic(
         f"{folder}/drift_report.html", drift_report(result, reference, current, *names)
     )
-    write_json_atomic(f"{folder}/drift.json", result.summary() | (details or {}))
+    write_json_atomic(f"{folder}/drift.json", result.summary() | details)
     metrics = drift_metrics(result, batch)
     # Not write_to_textfile: it writes local paths only, and the folder may be an S3 prefix.
     write_text_atomic(f"{folder}/drift.prom", generate_latest(metrics).decode())

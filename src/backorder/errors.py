@@ -25,6 +25,11 @@ class ModelNotFoundError(BackorderError):
     exit_code = 3
 
 
+class ArtifactIntegrityError(ModelNotFoundError):
+    """A registered model's file is not the one recorded at registration (its SHA-256 differs,
+    or it is missing): the version is refused, never loaded."""
+
+
 class OutputError(BackorderError):
     """An output cannot be written (store unreachable, permission denied, ...)."""
 

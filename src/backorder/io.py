@@ -6,7 +6,9 @@ Parquet files, read in bounded chunks, or database tables named ``URI#TABLE`` (s
 ``backorder.databases``). Outputs are written atomically: a local file goes to a temporary file
 beside the target and is renamed into place only when complete; a remote object is written to a
 local temporary file and uploaded as one object only when complete (an S3 upload appears whole
-or not at all). An interrupted run never leaves a partial output behind.
+or not at all). An interrupted run never leaves a partial output behind. Some writes are also
+exclusive (``exclusive=True``): they fail with ``FileExistsError`` when the target exists,
+atomically (a hard link locally, a conditional PUT, ``If-None-Match: *``, on S3).
 
 What a URI names (remote or local, table file or database table) is ``backorder.uris``;
 callers import it from here, like everything else the seam offers (``__all__``).
@@ -53,6 +55,7 @@ from backorder.uris import (
     is_database,
     is_remote,
     redact,
+    redact_text,
     split_table,
     table_format,
     table_suffix,
@@ -94,6 +97,7 @@ class InputTable:
 
     def __init__(self, uri: str | Path, block_bytes: int = 8 << 20) -> None:
         self.uri = str(uri)
+        self.name = redact(self.uri)  # what messages call it: never with its password
         self.block_bytes = block_bytes
         self._raw_handle: Any = None
         self._header_only = False
@@ -101,16 +105,20 @@ class InputTable:
         try:
             info = self._fs.info(self._path)
         except FileNotFoundError:
-            raise InputFileError(f"{self.uri}: file not found") from None
+            raise InputFileError(f"{self.name}: file not found") from None
         except OSError as exc:
-            raise InputFileError(f"{self.uri}: cannot be opened ({exc.strerror or exc})") from None
+            raise InputFileError(
+                f"{self.name}: cannot be opened ({self._why(exc.strerror or exc)})"
+            ) from None
         except Exception as exc:
-            raise InputFileError(f"{self.uri}: cannot be opened ({first_line(exc)})") from None
+            raise InputFileError(
+                f"{self.name}: cannot be opened ({self._why(first_line(exc))})"
+            ) from None
         if info.get("type") == "directory":
-            raise InputFileError(f"{self.uri}: is a directory, expected a CSV or Parquet file")
+            raise InputFileError(f"{self.name}: is a directory, expected a CSV or Parquet file")
         self.size_bytes: int = int(info.get("size") or 0)
         if self.size_bytes == 0:
-            raise InputFileError(f"{self.uri}: file is empty")
+            raise InputFileError(f"{self.name}: file is empty")
         head = self._read_head()
         self.compressed = head.startswith(GZIP_MAGIC)
         if self.compressed:
@@ -120,14 +128,19 @@ class InputTable:
             self._open_parquet()
         elif head.startswith(ZIP_MAGIC):
             raise InputFileError(
-                f"{self.uri}: is a ZIP or Excel workbook, not CSV or Parquet; export it as CSV"
+                f"{self.name}: is a ZIP or Excel workbook, not CSV or Parquet; export it as CSV"
             )
         else:
             self.format = "csv"
             self._sniff_csv(head)
         self._check_columns()
         if self._header_only:
-            raise InputFileError(f"{self.uri}: has a header but no data rows")
+            raise InputFileError(f"{self.name}: has a header but no data rows")
+
+    def _why(self, reason: object) -> str:
+        """A library's reason, without the secrets of this input's URI (S3 names a bad bucket,
+        credentials and all)."""
+        return redact_text(str(reason), self.uri)
 
     # -- opening -------------------------------------------------------------------------------
     def _read_head(self) -> bytes:
@@ -135,7 +148,9 @@ class InputTable:
             with self._fs.open(self._path, "rb") as handle:
                 return bytes(handle.read(SNIFF_BYTES))
         except OSError as exc:
-            raise InputFileError(f"{self.uri}: cannot be read ({exc.strerror or exc})") from None
+            raise InputFileError(
+                f"{self.name}: cannot be read ({self._why(exc.strerror or exc)})"
+            ) from None
 
     def _gunzip_prefix(self, head: bytes) -> bytes:
         # Decompress only what the sniffed bytes hold; the stream may continue past them.
@@ -143,9 +158,9 @@ class InputTable:
         try:
             text = decompressor.decompress(head, SNIFF_BYTES)
         except zlib.error:
-            raise InputFileError(f"{self.uri}: gzip data is corrupt") from None
+            raise InputFileError(f"{self.name}: gzip data is corrupt") from None
         if len(head) == self.size_bytes and not decompressor.eof and len(text) < SNIFF_BYTES:
-            raise InputFileError(f"{self.uri}: cannot be read (gzip data is truncated)")
+            raise InputFileError(f"{self.name}: cannot be read (gzip data is truncated)")
         return text
 
     def _open_parquet(self) -> None:
@@ -156,35 +171,35 @@ class InputTable:
                 self.total_rows: int | None = parquet.metadata.num_rows
         except (pa.ArrowException, OSError) as exc:
             raise InputFileError(
-                f"{self.uri}: not a readable Parquet file ({first_line(exc)})"
+                f"{self.name}: not a readable Parquet file ({self._why(first_line(exc))})"
             ) from None
         if self.total_rows == 0:
-            raise InputFileError(f"{self.uri}: Parquet file has no rows")
+            raise InputFileError(f"{self.name}: Parquet file has no rows")
 
     def _sniff_csv(self, head: bytes) -> None:
         if head.startswith((b"\xff\xfe", b"\xfe\xff")):
-            raise InputFileError(f"{self.uri}: is UTF-16 text; save it as UTF-8 CSV")
+            raise InputFileError(f"{self.name}: is UTF-16 text; save it as UTF-8 CSV")
         if b"\x00" in head:
-            raise InputFileError(f"{self.uri}: is a binary file, not CSV or Parquet")
+            raise InputFileError(f"{self.name}: is a binary file, not CSV or Parquet")
         try:
             text = head.decode("utf-8")
         except UnicodeDecodeError as exc:
             # The sniffed block may end inside a multi-byte character; only earlier errors count.
             if exc.start < len(head) - 4:
                 raise InputFileError(
-                    f"{self.uri}: is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV"
+                    f"{self.name}: is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV"
                 ) from None
             text = head[: exc.start].decode("utf-8")
         text = text.lstrip("\ufeff")
         header_line = text.splitlines()[0] if text.strip() else ""
         if not header_line.strip():
-            raise InputFileError(f"{self.uri}: first line is empty; expected a header row")
+            raise InputFileError(f"{self.name}: first line is empty; expected a header row")
         header = next(csv.reader([header_line]))
         if len(header) == 1:
             for delimiter, name in OTHER_DELIMITERS.items():
                 if delimiter in header_line:
                     raise InputFileError(
-                        f"{self.uri}: fields are separated by {name}, expected commas"
+                        f"{self.name}: fields are separated by {name}, expected commas"
                     )
         self.raw_columns = header
         body = text[len(header_line) :].strip("\r\n")
@@ -193,7 +208,7 @@ class InputTable:
 
     def _check_columns(self) -> None:
         self.columns = contract_columns(
-            self.uri,
+            self.name,
             self.raw_columns,
             "the header has",
             "; is it a CSV or Parquet file of inventory snapshots?",
@@ -201,7 +216,7 @@ class InputTable:
 
     def require(self, required: tuple[str, ...] | list[str]) -> None:
         """Fail fast, naming the file, when required contract columns are absent."""
-        require_columns(self.uri, self.columns, required, " (is it the right file?)")
+        require_columns(self.name, self.columns, required, " (is it the right file?)")
 
     @property
     def has_label(self) -> bool:
@@ -243,7 +258,7 @@ class InputTable:
                     yield RawChunk(frame)
         except (pa.ArrowException, OSError) as exc:
             raise InputFileError(
-                f"{self.uri}: Parquet data is corrupt ({first_line(exc)})"
+                f"{self.name}: Parquet data is corrupt ({self._why(first_line(exc))})"
             ) from None
 
     def _csv_chunks(self) -> Iterator[RawChunk]:
@@ -298,7 +313,7 @@ class InputTable:
                 frame.index = pd.Index(numbers)
                 yield RawChunk(frame, broken)
             if not pending and next_row == 1:
-                raise InputFileError(f"{self.uri}: has a header but no data rows")
+                raise InputFileError(f"{self.name}: has a header but no data rows")
             if pending:
                 yield RawChunk(
                     pd.DataFrame(columns=self.columns, dtype="string"),
@@ -306,10 +321,12 @@ class InputTable:
                 )
         except pa.ArrowInvalid as exc:
             raise InputFileError(
-                f"{self.uri}: cannot be parsed as CSV ({first_line(exc)})"
+                f"{self.name}: cannot be parsed as CSV ({self._why(first_line(exc))})"
             ) from None
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
-            raise InputFileError(f"{self.uri}: cannot be read ({first_line(exc)})") from None
+            raise InputFileError(
+                f"{self.name}: cannot be read ({self._why(first_line(exc))})"
+            ) from None
         finally:
             self._raw_handle.close()
 
@@ -325,13 +342,30 @@ def _local_temp(name: str) -> Path:
     return Path(path)
 
 
-def _upload(local: Path, uri: str) -> None:
-    """Put a finished local file at ``uri`` as one object, or fail with a one-line error."""
+def _precondition_failed(exc: BaseException) -> bool:
+    """True when a store refused a conditional write because the object exists (s3fs raises
+    FileExistsError only when the answer names the condition; SeaweedFS's does not)."""
+    if isinstance(exc, FileExistsError):
+        return True
+    response = getattr(exc.__cause__, "response", None) or getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return False
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    # 409: a concurrent conditional write to the same key was under way (AWS); it wins.
+    return status in (409, 412) or response.get("Error", {}).get("Code") == "PreconditionFailed"
+
+
+def _upload(local: Path, uri: str, exclusive: bool = False) -> None:
+    """Put a finished local file at ``uri`` as one object, or fail with a one-line error;
+    ``exclusive``: only if no object is there (else ``FileExistsError``)."""
     try:
         fs, path = fsspec.core.url_to_fs(uri)
-        fs.put_file(str(local), path)
+        fs.put_file(str(local), path, mode="create" if exclusive else "overwrite")
     except Exception as exc:
-        raise OutputError(f"{uri}: cannot be written ({first_line(exc)})") from None
+        if exclusive and _precondition_failed(exc):
+            raise FileExistsError(redact(uri)) from None
+        reason = redact_text(first_line(exc), uri)
+        raise OutputError(f"{redact(uri)}: cannot be written ({reason})") from None
 
 
 class TableWriter:
@@ -363,7 +397,7 @@ class TableWriter:
             template.iloc[:0].to_csv(self._text, index=False)
 
     def __str__(self) -> str:
-        return self.uri
+        return redact(self.uri)
 
     def write(self, frame: pd.DataFrame) -> None:
         if frame.empty:
@@ -422,9 +456,10 @@ def write_table_atomic(path: str | Path, frame: pd.DataFrame) -> Path:
 
 
 @contextlib.contextmanager
-def _staged(target: str | Path) -> Iterator[Path]:
+def _staged(target: str | Path, exclusive: bool = False) -> Iterator[Path]:
     """A temporary local file to fill; when the block succeeds it becomes ``target`` whole
-    (renamed beside a local target, or uploaded as one object), else it is removed."""
+    (renamed beside a local target, or uploaded as one object), else it is removed.
+    ``exclusive``: only if ``target`` does not exist yet, else ``FileExistsError``."""
     remote = is_remote(target)
     if remote:
         temp = _local_temp(Path(str(target)).name)
@@ -434,41 +469,51 @@ def _staged(target: str | Path) -> Iterator[Path]:
     try:
         yield temp
         if remote:
-            _upload(temp, str(target))
+            _upload(temp, str(target), exclusive)
+        elif exclusive:
+            os.link(temp, target)  # unlike a rename, fails when the target exists
         else:
             os.replace(temp, target)
     finally:
         temp.unlink(missing_ok=True)
 
 
-def copy_atomic(source: str | Path, target: str | Path) -> None:
-    """Copy a file (path or URL) to ``target`` (path or URL) whole or not at all, streaming."""
-    with _staged(target) as temp:
+def copy_atomic(source: str | Path, target: str | Path, *, exclusive: bool = False) -> None:
+    """Copy a file (path or URL) to ``target`` (path or URL) whole or not at all, streaming;
+    ``exclusive``: only if ``target`` does not exist yet, else ``FileExistsError``."""
+    with _staged(target, exclusive) as temp:
         if is_remote(source):
-            fs, path = fsspec.core.url_to_fs(str(source))
-            fs.get_file(path, str(temp))
+            try:
+                fs, path = fsspec.core.url_to_fs(str(source))
+                fs.get_file(path, str(temp))
+            except Exception as exc:
+                reason = redact_text(first_line(exc), str(source))
+                raise InputFileError(f"{redact(str(source))}: cannot be read ({reason})") from None
         else:
             shutil.copyfile(source, temp)
 
 
 @overload
-def write_text_atomic(path: Path, text: str) -> Path: ...
+def write_text_atomic(path: Path, text: str, *, exclusive: bool = False) -> Path: ...
 @overload
-def write_text_atomic(path: str | Path, text: str) -> str | Path: ...
-def write_text_atomic(path: str | Path, text: str) -> str | Path:
-    """Write a whole text file (local path or fsspec URL) atomically."""
-    with _staged(path) as temp:
+def write_text_atomic(path: str | Path, text: str, *, exclusive: bool = False) -> str | Path: ...
+def write_text_atomic(path: str | Path, text: str, *, exclusive: bool = False) -> str | Path:
+    """Write a whole text file (local path or fsspec URL) atomically; ``exclusive``: only if
+    it does not exist yet, else ``FileExistsError``."""
+    with _staged(path, exclusive) as temp:
         temp.write_text(text, encoding="utf-8")
     return str(path) if is_remote(path) else Path(path)
 
 
 @overload
-def write_json_atomic(path: Path, payload: Any) -> Path: ...
+def write_json_atomic(path: Path, payload: Any, *, exclusive: bool = False) -> Path: ...
 @overload
-def write_json_atomic(path: str | Path, payload: Any) -> str | Path: ...
-def write_json_atomic(path: str | Path, payload: Any) -> str | Path:
+def write_json_atomic(path: str | Path, payload: Any, *, exclusive: bool = False) -> str | Path: ...
+def write_json_atomic(path: str | Path, payload: Any, *, exclusive: bool = False) -> str | Path:
     return write_text_atomic(
-        path, json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n"
+        path,
+        json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n",
+        exclusive=exclusive,
     )
 
 

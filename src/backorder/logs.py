@@ -5,6 +5,10 @@ The web app always logs JSON; the command line does when ``BACKORDER_LOG_FORMAT=
 hold for a stretch of work (the batch being scored, the model version answering) are bound
 once with :func:`log_context` and then appear on every line logged inside it, including
 lines from library code that knows nothing of batches.
+
+The handlers the command line and the server install carry :class:`RedactSecrets`: whatever
+reaches a log line (a library's error naming a database URL, a field holding a landing root)
+shows no password.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Literal, ParamSpec, TypeVar
+
+from backorder.uris import redact_fields, redact_text
 
 LogFormat = Literal["text", "json"]
 
@@ -76,6 +82,43 @@ def _record_with_context(*args: Any, **kwargs: Any) -> logging.LogRecord:
 logging.setLogRecordFactory(_record_with_context)
 
 
+# The attributes every record has; the others are ``extra`` fields.
+_RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "log_context"}
+_TRACEBACKS = logging.Formatter()
+
+
+class RedactSecrets(logging.Filter):
+    """A handler's filter that hides the secrets of URIs in a record before it is formatted: in
+    its message (arguments included), its extra and bound context fields, and its traceback.
+
+    The net under the redaction done where URIs are printed: it catches what a library, or a
+    message that forgot to redact, puts in a log line. Records are changed in place, so every
+    handler after this one sees them clean too.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken record: the handler reports it as it always does
+            return True
+        cleaned = redact_text(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, ()
+        for name, value in list(vars(record).items()):
+            if name not in _RECORD_FIELDS:
+                setattr(record, name, redact_fields(value))
+        context = getattr(record, "log_context", None)
+        if context:
+            record.log_context = MappingProxyType(redact_fields(dict(context)))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact_text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact_text(record.stack_info)
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     """time, level, logger, message, the bound context fields and any ``extra`` fields."""
 
@@ -96,8 +139,11 @@ class JsonFormatter(logging.Formatter):
         }
         doc.update(getattr(record, "log_context", {}))
         doc.update({k: v for k, v in vars(record).items() if k not in self.RESERVED})
-        if record.exc_info:
-            doc["exception"] = "".join(traceback.format_exception(*record.exc_info))
+        if record.exc_info or record.exc_text:
+            # exc_text: the traceback as RedactSecrets left it, passwords masked.
+            doc["exception"] = record.exc_text or "".join(
+                traceback.format_exception(*record.exc_info)  # type: ignore[misc]
+            )
         return json.dumps(doc, default=str)
 
 
@@ -115,10 +161,16 @@ class StepLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
     """A logger whose ``extra`` fields survive hosts that keep only the message."""
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        # Hosts such as Airflow format these lines with handlers of their own, without
+        # RedactSecrets: the secrets go here.
+        msg = redact_text(str(msg))
+        if kwargs.get("extra"):
+            kwargs["extra"] = redact_fields(kwargs["extra"])
         if _fields_in_messages["on"]:
             fields = {**_fields.get(), **(kwargs.get("extra") or {})}
             if fields:
-                msg = f"{msg} " + " ".join(f"{k}={v}" for k, v in fields.items())
+                pairs = " ".join(f"{k}={v}" for k, v in fields.items())
+                msg = f"{msg} {redact_text(pairs)}"
         return msg, kwargs
 
 
@@ -128,11 +180,17 @@ def step_logger(name: str) -> StepLogger:
 
 def json_log_config(level: str = "INFO") -> dict[str, Any]:
     """logging.dictConfig for our loggers and uvicorn's: JSON lines on stderr."""
-    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    handler = {
+        "class": "logging.StreamHandler",
+        "formatter": "json",
+        "stream": "ext://sys.stderr",
+        "filters": ["secrets"],
+    }
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"json": {"()": JsonFormatter}},
+        "filters": {"secrets": {"()": RedactSecrets}},
         "handlers": {"stderr": handler},
         "loggers": {
             "backorder": {"handlers": ["stderr"], "level": level, "propagate": False},

@@ -5,12 +5,23 @@ A registered version is an MLflow Model: its ``MLmodel`` file names ``mlflow_mod
 example, and one artifact: the folder of ``save_pipeline`` files (booster text, ``model.json``,
 the drift reference). So ``mlflow.pyfunc.load_model``, ``mlflow models serve`` and
 ``mlflow.pyfunc.spark_udf`` score it, through the product's own loader and scoring function.
+
+The SHA-256 of each of those files is recorded at registration, in the registry (a model-version
+tag) and in the model's config; every loader checks the files against it before using them
+(``load_verified``), so a changed booster is refused, never scored.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import io
+import json
+import logging
+import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import pandas as pd
@@ -32,10 +43,15 @@ from backorder.contract import (
     SKU,
     validate_chunk,
 )
-from backorder.errors import ModelNotFoundError
+from backorder.errors import ArtifactIntegrityError, ModelNotFoundError
 from backorder.explain import reason_names
-from backorder.model import MODEL_FILE, LoadedModel, load_pipeline
+from backorder.model import BOOSTER_FILE, MODEL_FILE, LoadedModel, pipeline_from_spec
 from backorder.predict import score_rows
+
+if TYPE_CHECKING:
+    from sklearn.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
 
 # The pyfunc artifact holding the ``save_pipeline`` folder, and the file MLflow runs to build
 # the model.
@@ -45,6 +61,13 @@ MODEL_CODE = Path(__file__).with_name("mlflow_model_code.py")
 SCORING_SETTINGS = ("watchlist_fraction", "reason_method", "reasons_for")
 MODEL_VERSION = "model_version"
 INPUT_EXAMPLE_ROWS = 3
+# The training reference, beside the booster and model.json: drift is judged against it.
+REFERENCE_FILE = "reference.parquet"
+# File name -> SHA-256 (hex) of the pipeline folder's files: a model-version tag in the registry
+# (what the product checks) and a key of the model's config (what pyfunc consumers check).
+ARTIFACT_HASHES = "artifact_sha256"
+_warned_unverified: set[str] = set()
+_warned_lock = threading.Lock()
 
 # Flags stay "Yes"/"No" as in the contract and the ERP exports, so a frame read from a batch file
 # scores as it is (with ``sku`` read as text).
@@ -86,19 +109,112 @@ def as_model_input(rows: pd.DataFrame) -> pd.DataFrame:
     return typed
 
 
-def log_pyfunc_model(
+def file_digests(folder: Path) -> dict[str, str]:
+    """SHA-256 (hex) of each file in a ``save_pipeline`` folder, by file name."""
+    return {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.iterdir())
+        if path.is_file()
+    }
+
+
+def recorded_digests(recorded: Any, what: str) -> dict[str, str] | None:
+    """The digests recorded for a model (a JSON text or a mapping); None when there are none
+    (a version registered before digests were recorded)."""
+    if recorded is None:
+        return None
+    try:
+        digests = json.loads(recorded) if isinstance(recorded, str) else dict(recorded)
+    except (ValueError, TypeError):
+        digests = None
+    if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+        raise ArtifactIntegrityError(
+            f"{what}: its recorded artifact hashes ({ARTIFACT_HASHES}) are unreadable; "
+            "refusing to load it"
+        )
+    return {str(name): digest for name, digest in digests.items()}
+
+
+def _read_verified(folder: Path, name: str, expected: Mapping[str, str] | None, what: str) -> bytes:
+    """A file's bytes, read once, after checking them against the recorded digest."""
+    try:
+        data = (folder / name).read_bytes()
+    except FileNotFoundError:
+        if expected is not None and name in expected:
+            raise ArtifactIntegrityError(
+                f"{what}: {name} is missing, though it was recorded at registration; "
+                "refusing to load it"
+            ) from None
+        raise ModelNotFoundError(f"{folder}: no {name}; not a backorder model") from None
+    if expected is None:
+        return data
+    recorded = expected.get(name)
+    if recorded is None:
+        raise ArtifactIntegrityError(
+            f"{what}: no SHA-256 was recorded for {name} at registration; refusing to load it"
+        )
+    found = hashlib.sha256(data).hexdigest()
+    if not hmac.compare_digest(found, recorded.lower()):
+        raise ArtifactIntegrityError(
+            f"{what}: {name} does not match the SHA-256 recorded at registration "
+            f"(recorded {recorded[:12]}…, found {found[:12]}…); refusing to load it"
+        )
+    return data
+
+
+def _warn_unverified(what: str) -> None:
+    with _warned_lock:
+        if what in _warned_unverified:
+            return
+        _warned_unverified.add(what)
+    log.warning(
+        f"{what} was registered before artifact hashes were recorded: loading it unchecked "
+        "(train again for a version whose files are checked)"
+    )
+
+
+def load_verified(
+    folder: Path, expected: Mapping[str, str] | None, what: str, with_reference: bool = False
+) -> tuple[Pipeline, dict[str, Any], pd.DataFrame | None]:
+    """The fitted pipeline, its metadata and (``with_reference``, when stored) the training
+    reference from a ``save_pipeline`` folder, each file checked against ``expected`` (file
+    name -> SHA-256) before it is used; ``what`` names the model in messages.
+
+    Raises ``ArtifactIntegrityError`` when a file differs or is missing. Without digests (a
+    version registered before they were recorded) the files load unchecked, with one warning
+    per model and process.
+    """
+    if expected is None:
+        _warn_unverified(what)
+    spec_bytes = _read_verified(folder, MODEL_FILE, expected, what)
+    booster_bytes = _read_verified(folder, BOOSTER_FILE, expected, what)
+    pipeline, metadata = pipeline_from_spec(
+        json.loads(spec_bytes), booster_bytes.decode("utf-8"), folder / MODEL_FILE
+    )
+    reference = None
+    stored = (folder / REFERENCE_FILE).is_file() or REFERENCE_FILE in (expected or {})
+    if with_reference and stored:
+        data = _read_verified(folder, REFERENCE_FILE, expected, what)
+        reference = pd.read_parquet(io.BytesIO(data))
+    return pipeline, metadata, reference
+
+
+def log_pyfunc_model(  # noqa: PLR0913, PLR0917
     pipeline_dir: Path,
     model_id: str,
     version: str,
     settings: Settings,
     reference: pd.DataFrame | None,
+    digests: Mapping[str, str],
 ) -> None:
     """Log the pipeline folder as the pyfunc model of the (pending) LoggedModel ``model_id``.
 
-    ``version`` is the registry version already created for it, so scores name their version.
+    ``version`` is the registry version already created for it, so scores name their version;
+    ``digests`` (``file_digests`` of the folder) let pyfunc consumers check the files.
     """
     config: dict[str, Any] = {
         MODEL_VERSION: version,
+        ARTIFACT_HASHES: dict(digests),
         "reasons_per_row": settings.reasons_per_row,
         **{name: getattr(settings, name) for name in SCORING_SETTINGS},
     }
@@ -153,7 +269,10 @@ class BackorderModel(PythonModel):  # type: ignore[misc]
     def load_context(self, context: PythonModelContext) -> None:
         config = dict(context.model_config or {})
         version = str(config.pop(MODEL_VERSION))
-        pipeline, metadata = load_pipeline(Path(context.artifacts[PIPELINE_ARTIFACT]))
+        what = f"model version {version}"
+        expected = recorded_digests(config.pop(ARTIFACT_HASHES, None), what)
+        folder = Path(context.artifacts[PIPELINE_ARTIFACT])
+        pipeline, metadata, _ = load_verified(folder, expected, what)
         self.settings = load_settings(None, **config)
         self.model = LoadedModel(
             pipeline=pipeline,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +26,9 @@ from backorder.catalog import (
     SCORING,
     TRAINING,
     UNSCORED,
+    BatchTaken,
     Landing,
+    Lease,
     batch_uri,
     pending_scoring,
     pending_training,
@@ -35,6 +39,7 @@ from backorder.errors import BackorderError, InputFileError, OutputError
 from backorder.io import write_text_atomic
 from backorder.logs import batch_logged, log_context, step_logger
 from backorder.predict import new_batch_id, predict_file
+from backorder.uris import redact, redact_text
 
 if TYPE_CHECKING:
     from backorder.drift import DriftCheck
@@ -56,7 +61,7 @@ def validate_batch(root: str, batch_id: str, settings: Settings, kind: str = UNS
     the later steps (drift, scoring) only look the batch up."""
     uri = batch_uri(root, batch_id, kind)
     check_inputs([uri], require_label=kind == LABELLED, block_bytes=settings.read_block_bytes)
-    log.info("batch is valid", extra={"input": uri, "kind": kind})
+    log.info("batch is valid", extra={"input": redact(uri), "kind": kind})
     return uri
 
 
@@ -87,16 +92,17 @@ def check_drift(
         return {"batch_id": batch_id, "checked": False, "why": found, "drifted": []}
     loaded, reference = found
     rows, _, _ = load_rows(uri, settings.read_block_bytes)
+    shown = redact(uri)  # what reports, logs and the manifest name: without a password
     if rows.empty:
-        raise InputFileError(f"{uri}: no valid rows to compare")
+        raise InputFileError(f"{shown}: no valid rows to compare")
     checked = check_and_report(
         reference,
         rows,
         DriftFiles(
             landing.uri(REPORTS, batch_id),
             batch_id,
-            (f"training reference of model v{loaded.version}", uri),
-            {"model_version": loaded.version, "current": uri},
+            (f"training reference of model v{loaded.version}", shown),
+            {"model_version": loaded.version, "current": shown},
         ),
         settings.drift_psi_threshold,
         loaded,
@@ -107,9 +113,9 @@ def check_drift(
     outcome = _drift_outcome(batch_id, checked, kind, settings)
     _log_drift(loaded.version, outcome)
     if outcome["blocked"]:
-        _block_batch(landing, kind, batch_id, uri, outcome)
+        _block_batch(landing, kind, batch_id, shown, outcome)
         raise DriftBlocked(
-            f"{uri}: drifted from model v{loaded.version}'s training data "
+            f"{shown}: drifted from model v{loaded.version}'s training data "
             f"({', '.join(outcome['drifted'])}); policy {settings.drift_policy}; "
             f"see {outcome['report']}"
         )
@@ -138,7 +144,7 @@ def _drift_outcome(
         "checked": True,
         "drifted": result.drifted,
         "max_psi": float(result.features["psi"].max()),
-        "report": str(checked.report),
+        "report": redact(str(checked.report)),
         "blocked": bool(result.drifted) and kind in DRIFT_BLOCKS[settings.drift_policy],
     }
 
@@ -190,13 +196,45 @@ def score_batch(
     log.info("batch scored", extra={"model_version": loaded.version, **summary.counts()})
     return {
         "batch_id": batch_id,
-        "input": uri,
+        "input": redact(uri),
         "predictions": summary.output,
         "rejects": summary.rejects,
         "model_version": loaded.version,
         "seconds": round(time.perf_counter() - started, 3),
         **summary.counts(),
     }
+
+
+@contextmanager
+def scoring_lease(root: str, batch_id: str) -> Iterator[Lease]:
+    """Hold the batch's scoring lease for the block: one runner at a time scores a batch and
+    writes its record, so its predictions and manifest come from one run and one model.
+
+    Raises ``BatchTaken`` when another runner holds the lease, or has scored the batch since
+    it was found pending. Call the lease's ``confirm()`` before writing the record.
+    """
+    landing = Landing(root)
+    lease = landing.take_lease(SCORING, batch_id)
+    try:
+        record = landing.record_of(SCORING, batch_id)
+        if record is not None and record.get("status") == "scored":
+            raise BatchTaken(f"{batch_id}: scored already, at {record.get('at')}")
+        yield lease
+    finally:
+        lease.release()
+
+
+@batch_logged
+def score_and_record(
+    root: str, batch_id: str, settings: Settings, drift: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Score one batch and write its record, holding its lease (see ``scoring_lease``); the
+    DAG's ``score`` task, after its own validate and drift tasks."""
+    with scoring_lease(root, batch_id) as lease:
+        scored = score_batch(root, batch_id, settings)
+        lease.confirm()
+        record_scoring(root, scored, settings, drift)
+    return scored
 
 
 def record_scoring(
@@ -263,7 +301,11 @@ def publish_metrics(
                 timeout=10,
             )
         except OSError as exc:
-            raise OutputError(f"{settings.pushgateway_url}: metrics push failed ({exc})") from None
+            where, reason = (
+                settings.pushgateway_url,
+                redact_text(str(exc), settings.pushgateway_url),
+            )
+            raise OutputError(f"{redact(where)}: metrics push failed ({reason})") from None
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -294,9 +336,11 @@ def train_on_landing(root: str, settings: Settings, new_batches: list[str]) -> d
         "version": outcome.version,
         "should_promote": outcome.decision.promoted,
         "reason": outcome.decision.reason,
+        # The champion the decision was made against: promote_or_keep promotes only over it.
+        "compared_with": outcome.decision.champion_version,
         "batches": list(labelled),
         "new_batches": new_batches,
-        "report": f"{reports}/report.html",
+        "report": redact(f"{reports}/report.html"),
         "validation_average_precision": outcome.validation.get("average_precision"),
         "holdout_average_precision": holdout.get("average_precision"),
         "holdout_roc_auc": holdout.get("roc_auc"),
@@ -304,20 +348,26 @@ def train_on_landing(root: str, settings: Settings, new_batches: list[str]) -> d
 
 
 def promote_or_keep(settings: Settings, trained: dict[str, Any]) -> dict[str, Any]:
-    """Apply the training run's decision: make the challenger champion, or keep the champion."""
+    """Apply the training run's decision: make the challenger champion, or keep the champion.
+
+    The challenger is promoted only over the champion it was compared with; if another run or
+    a planner changed the champion meanwhile, it is kept as challenger and the reason says so.
+    """
     from backorder.registry import Registry
+    from backorder.train import PromotionDecision, promote_as_decided
 
     registry = Registry(settings)
+    reason, promoted = trained["reason"], False
     if trained["should_promote"]:
-        registry.promote(trained["version"])
+        decision = PromotionDecision(True, reason, trained["compared_with"], {}, None)
+        final = promote_as_decided(registry, trained["version"], decision)
+        reason, promoted = final.reason, final.promoted
+    champion = registry.champion_version()
     log.info(
-        "champion promoted" if trained["should_promote"] else "champion kept",
-        extra={"model_version": trained["version"], "champion": registry.champion_version()},
+        "champion promoted" if promoted else "champion kept",
+        extra={"model_version": trained["version"], "champion": champion, "reason": reason},
     )
-    return trained | {
-        "promoted": bool(trained["should_promote"]),
-        "champion": registry.champion_version(),
-    }
+    return trained | {"promoted": promoted, "reason": reason, "champion": champion}
 
 
 def record_training(
@@ -352,19 +402,27 @@ def _now() -> str:
 
 # -- whole runs, without a scheduler ---------------------------------------------------------------
 def score_pending(root: str, settings: Settings) -> list[dict[str, Any]]:
-    """What the daily DAG does, in one process: every pending batch, oldest first.
+    """What the daily DAG does, in one process: every pending batch, oldest first; returns
+    what this run scored.
 
-    A batch that fails (bad file, drift block) is logged and the others still run; the
-    function raises at the end if any failed, so a scheduler sees the failure.
+    Each batch is validated, checked for drift, scored and recorded under its lease, so a
+    batch that another runner (the DAG, another `score-pending`) has is skipped, and the log
+    says so. A batch that fails (bad file, drift block) is logged and the others still run;
+    the function raises at the end if any failed, so a scheduler sees the failure.
     """
     done, failed = [], []
     for batch in pending_scoring(root):
         with log_context(batch_id=batch):
             try:
-                validate_batch(root, batch, settings)
-                drift = check_drift(root, batch, settings)
-                scored = score_batch(root, batch, settings)
-                record_scoring(root, scored, settings, drift)
+                with scoring_lease(root, batch) as lease:
+                    validate_batch(root, batch, settings)
+                    drift = check_drift(root, batch, settings)
+                    scored = score_batch(root, batch, settings)
+                    lease.confirm()
+                    record_scoring(root, scored, settings, drift)
+            except BatchTaken as exc:
+                log.info(f"skipped batch {exc}")
+                continue
             except BackorderError as exc:
                 log.info(f"batch {batch}: {exc}")
                 failed.append(batch)

@@ -7,6 +7,7 @@ app's structured reasons, so a model is scored and worded the same way everywher
 
 from __future__ import annotations
 
+import secrets
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -159,8 +160,12 @@ def default_rejects_path(output: str | Path) -> str:
 
 
 def new_batch_id(now: datetime | None = None) -> str:
-    """A batch id: the time in ISO-8601 basic format, UTC, so ids sort by time."""
-    return f"{(now or datetime.now(UTC)):%Y%m%dT%H%M%SZ}"
+    """A new batch id: the time in ISO-8601 basic format, UTC, then its microseconds and a
+    random tag (``20261128T172342Z_048213-9f3ac1``). Ids sort by time as plain strings, and two
+    runs in the same second (or microsecond) never share one: a shared id would make one run's
+    output replace the other's."""
+    moment = now or datetime.now(UTC)
+    return f"{moment:%Y%m%dT%H%M%SZ}_{moment:%f}-{secrets.token_hex(3)}"
 
 
 @dataclass

@@ -4,6 +4,11 @@ Each training run logs params, metrics, the data fingerprint, the report and the
 and registers a model version. Aliases say which version serves: ``champion`` (scores batches
 and requests) and ``challenger`` (the newest candidate). A registered-model tag keeps the order
 of past champions, so ``rollback`` can restore the previous one.
+
+Promotion and rollback hold one lock in the state store (``StateStore.lock``), shared by every
+process and machine using it, and re-read the champion under it: the alias and its history move
+together, and a training run promotes only over the champion it was compared with. Each
+version records the SHA-256 of its files (``artifact_sha256``), and ``load`` checks them.
 """
 
 from __future__ import annotations
@@ -12,12 +17,16 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 
 from backorder.config import Settings
 from backorder.errors import ModelNotFoundError
+from backorder.state import StateStore
 
 # Offline by default: no usage telemetry leaves the machine.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -35,14 +44,40 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from sklearn.pipeline import Pipeline  # noqa: E402
 
-from backorder.mlflow_model import log_pyfunc_model, pipeline_folder  # noqa: E402
-from backorder.model import LoadedModel, Scorer, load_pipeline, save_pipeline  # noqa: E402
+from backorder.mlflow_model import (  # noqa: E402
+    ARTIFACT_HASHES,
+    REFERENCE_FILE,
+    file_digests,
+    load_verified,
+    log_pyfunc_model,
+    pipeline_folder,
+    recorded_digests,
+)
+from backorder.model import LoadedModel, Scorer, save_pipeline  # noqa: E402
+from backorder.uris import redact  # noqa: E402
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 HISTORY_TAG = "champion_history"
 MODEL_ARTIFACT = "model"
-REFERENCE_FILE = "reference.parquet"
+
+
+class _Anyone(Enum):
+    CHAMPION = "whichever champion there is"
+
+
+# `promote(..., compared_with=ANY_CHAMPION)`: a manual promotion, over whichever champion.
+ANY_CHAMPION: Final = _Anyone.CHAMPION
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What ``promote`` did: whether the alias moved to the version, the champion after it, and
+    why not when it did not."""
+
+    promoted: bool
+    champion: str | None
+    reason: str = ""
 
 
 @dataclass
@@ -93,19 +128,8 @@ class Registry:
             for path in artifacts:
                 mlflow.log_artifact(str(path))
             run_id = run.info.run_id
-            # The version is created first, for a pending MLflow model, so that the model's
-            # config can name the version its scores report.
             logged = mlflow.initialize_logged_model(name=MODEL_ARTIFACT, source_run_id=run_id)
-            self._ensure_registered_model()
-            version = str(
-                self.client.create_model_version(
-                    self.name,
-                    source=f"models:/{logged.model_id}",
-                    run_id=run_id,
-                    tags={k: str(v) for k, v in tags.items()},
-                    model_id=logged.model_id,
-                ).version
-            )
+            version = None
             try:
                 with tempfile.TemporaryDirectory() as tmp:
                     model_dir = save_pipeline(
@@ -114,13 +138,38 @@ class Registry:
                     if reference is not None:
                         # Travels with the model, so drift is always judged against what it learnt.
                         reference.to_parquet(model_dir / REFERENCE_FILE, index=False)
-                    log_pyfunc_model(model_dir, logged.model_id, version, self.settings, reference)
+                    # The version is born with its files' digests (never a moment without,
+                    # which would pass for a version from before digests), and is created
+                    # before the MLflow model is logged so that the model's config can name
+                    # the version its scores report.
+                    digests = file_digests(model_dir)
+                    version = self._create_version(run_id, logged.model_id, tags, digests)
+                    log_pyfunc_model(
+                        model_dir, logged.model_id, version, self.settings, reference, digests
+                    )
             except BaseException:
                 # No version may point at a model that was never written.
-                self.client.delete_model_version(self.name, version)
+                if version is not None:
+                    self.client.delete_model_version(self.name, version)
                 mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
                 raise
         return run_id, version
+
+    def _create_version(
+        self, run_id: str, model_id: str, tags: dict[str, str], digests: dict[str, str]
+    ) -> str:
+        self._ensure_registered_model()
+        recorded = {k: str(v) for k, v in tags.items()}
+        recorded[ARTIFACT_HASHES] = json.dumps(digests, sort_keys=True)
+        return str(
+            self.client.create_model_version(
+                self.name,
+                source=f"models:/{model_id}",
+                run_id=run_id,
+                tags=recorded,
+                model_id=model_id,
+            ).version
+        )
 
     def _ensure_registered_model(self) -> None:
         try:
@@ -146,7 +195,7 @@ class Registry:
                 self.client.get_model_version(self.name, ref)
             except MlflowException:
                 raise ModelNotFoundError(
-                    f"model version {ref} of '{self.name}' not found in {self.tracking_uri}"
+                    f"model version {ref} of '{self.name}' not found in {redact(self.tracking_uri)}"
                 ) from None
             return ref
         try:
@@ -154,7 +203,7 @@ class Registry:
         except MlflowException:
             hint = " (train a model first: backorder train --data FILE)" if ref == CHAMPION else ""
             raise ModelNotFoundError(
-                f"no model '{self.name}@{ref}' in {self.tracking_uri}{hint}"
+                f"no model '{self.name}@{ref}' in {redact(self.tracking_uri)}{hint}"
             ) from None
 
     def load(
@@ -170,20 +219,21 @@ class Registry:
         scored (see ``Scorer``). ``compiled`` scores with
         compiled trees (``backorder.compiled``), checked against LightGBM on the stored training
         reference; LightGBM remains the fallback.
+
+        Each file is checked against the SHA-256 recorded at registration: a mismatch raises
+        ``ArtifactIntegrityError`` (exit 3) and nothing of the version is used.
         """
         version = self.resolve(ref)
         mv = self.client.get_model_version(self.name, version)
+        what = f"model version {version} of '{self.name}'"
+        expected = recorded_digests(mv.tags.get(ARTIFACT_HASHES), what)
         with tempfile.TemporaryDirectory(prefix="backorder-model-") as tmp:
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=f"models:/{self.name}/{version}", dst_path=tmp
             )
             files = pipeline_folder(Path(local))
-            pipeline, metadata = load_pipeline(files)
-            reference_file = files / REFERENCE_FILE
-            reference = (
-                pd.read_parquet(reference_file)
-                if (with_reference or compiled) and reference_file.is_file()
-                else None
+            pipeline, metadata, reference = load_verified(
+                files, expected, what, with_reference=with_reference or compiled
             )
         scorer = Scorer(pipeline, base_rate)
         return LoadedModel(
@@ -233,25 +283,68 @@ class Registry:
     def set_challenger(self, version: str) -> None:
         self.client.set_registered_model_alias(self.name, CHALLENGER, version)
 
-    def promote(self, version: str) -> None:
-        """Make ``version`` the champion and remember the order of champions."""
-        version = self.resolve(version)
+    @contextmanager
+    def _promotion_lock(self) -> Iterator[None]:
+        """The lock every promotion and rollback of this model holds, in the state store: one
+        at a time across processes and machines."""
+        with StateStore.open(self.settings) as store, store.lock(f"promotion:{self.name}"):
+            yield
+
+    def _champion_and_history(self) -> tuple[str | None, list[str]]:
+        """The champion and the order of champions, read under the lock. A history that does
+        not end with the champion (a process that died between the two writes, or an alias
+        moved by hand in MLflow) is completed with it, so the two always agree."""
+        champion = self.champion_version()
         history = self._history()
-        if history and history[-1] == version:
-            return
-        self.client.set_registered_model_alias(self.name, CHAMPION, version)
-        self.client.set_registered_model_tag(
-            self.name, HISTORY_TAG, json.dumps([*history, version])
-        )
+        if champion is not None and (not history or history[-1] != champion):
+            history.append(champion)
+        return champion, history
+
+    def promote(
+        self,
+        version: str,
+        compared_with: str | Literal[_Anyone.CHAMPION] | None = ANY_CHAMPION,
+    ) -> Promotion:
+        """Make ``version`` the champion and remember the order of champions.
+
+        ``compared_with``: the champion the decision to promote was made against (None: there
+        was none). Under the lock the champion is read again, and if it is no longer that one
+        nothing changes: the returned ``Promotion`` says so and why. The default promotes over
+        whichever champion there is (a planner's ``models promote``).
+        """
+        version = self.resolve(version)
+        with self._promotion_lock():
+            champion, history = self._champion_and_history()
+            if compared_with is not ANY_CHAMPION and champion != compared_with:
+                then = f"v{compared_with}" if compared_with is not None else "none"
+                now = f"v{champion}" if champion is not None else "none"
+                return Promotion(
+                    False, champion, f"champion is now {now}; v{version} was compared with {then}"
+                )
+            if champion == version:
+                self._write_history(history)
+                return Promotion(False, champion, f"v{version} is already the champion")
+            # The alias first: if the process dies before the history is written, the next
+            # promotion or rollback completes the history from the alias (see above).
+            self.client.set_registered_model_alias(self.name, CHAMPION, version)
+            self._write_history([*history, version])
+        return Promotion(True, version)
+
+    def _write_history(self, history: list[str]) -> None:
+        if history != self._history():
+            self.client.set_registered_model_tag(self.name, HISTORY_TAG, json.dumps(history))
 
     def rollback(self) -> tuple[str, str]:
         """Restore the previous champion; return (from version, to version)."""
-        history = self._history()
-        if len(history) < 2:
-            raise ModelNotFoundError(f"'{self.name}' has no earlier champion to roll back to")
-        current, previous = history[-1], history[-2]
-        self.client.set_registered_model_alias(self.name, CHAMPION, previous)
-        self.client.set_registered_model_tag(self.name, HISTORY_TAG, json.dumps(history[:-1]))
+        with self._promotion_lock():
+            _, history = self._champion_and_history()
+            if len(history) < 2:
+                raise ModelNotFoundError(f"'{self.name}' has no earlier champion to roll back to")
+            current, previous = history[-1], history[-2]
+            # The history first: if the process dies before the alias moves, the next promotion
+            # or rollback finds the champion still current and puts it back at the end.
+            self._write_history(history[:-1])
+            self.client.set_registered_model_alias(self.name, CHAMPION, previous)
         return current, previous
 
     def versions(self) -> list[dict[str, Any]]:

@@ -1,5 +1,6 @@
 """The product's own state store: API keys and page sign-in sessions now, the planner's records
-(worklists, actions, notes, outcomes) later.
+(worklists, actions, notes, outcomes) later; and named locks (``StateStore.lock``) that hold
+across processes and machines, which keep promotions in the registry one at a time.
 
 One SQLAlchemy database: SQLite at HOME/state.db by default, any SQLAlchemy URL (PostgreSQL in
 the compose stack) by the ``state_url`` setting. Its schema is kept by Alembic revisions shipped
@@ -10,12 +11,15 @@ All timestamps are timezone-aware UTC, in the database as in Python.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import logging
+import os
 import re
 import secrets
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +40,7 @@ from backorder.errors import (
     UnknownKeyError,
     first_line,
 )
+from backorder.uris import encoded_credentials, redact
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,10 @@ TOKEN_TEXT = re.compile(r"[!-~]+")
 _IMMEDIATE = "backorder_immediate"
 # Alembic's `context` and `op` are module globals: one migration at a time in a process.
 _MIGRATING = threading.Lock()
+# How often a process waiting for a named lock (`StateStore.lock`) tries again.
+LOCK_POLL_SECONDS = 0.05
+# Named locks of in-memory SQLite stores, which no other process can see.
+_MEMORY_LOCKS: dict[str, threading.Lock] = {}
 
 
 def new_token() -> str:
@@ -66,12 +75,15 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def lock_key(name: str) -> int:
+    """The PostgreSQL advisory-lock key (a signed 64-bit integer) of a named lock."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
 def redacted(url: str) -> str:
-    """A state store URL fit for a message: its password hidden."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except sa_exc.ArgumentError:
-        return "(unparseable state_url)"
+    """A state store URL fit for a message: its password hidden (``backorder.uris.redact``,
+    which also splits a raw '@' in a password where SQLAlchemy's parser would not)."""
+    return redact(url)
 
 
 @dataclass(frozen=True)
@@ -172,7 +184,8 @@ def _now() -> datetime:
 
 
 def _engine_url(url: str) -> URL:
-    parsed = make_url(url)
+    # Credentials encoded: a raw '@' in a password must not reach the host or port.
+    parsed = make_url(encoded_credentials(url))
     # psycopg 3 is the driver we ship; plain postgresql:// would ask SQLAlchemy for psycopg2.
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -231,7 +244,7 @@ class StateStore:
                 # An unreachable server fails the command in seconds, not minutes.
                 connect_args={"connect_timeout": 5} if psycopg else {},
             )
-        except (sa_exc.ArgumentError, ImportError) as exc:
+        except (sa_exc.ArgumentError, ImportError, ValueError) as exc:  # ValueError: a bad port
             raise StateStoreError(f"state store {self.url}: {first_line(exc)}") from None
         if self._engine.dialect.name == "sqlite":
             _sqlite_transactions(self._engine)
@@ -327,6 +340,103 @@ class StateStore:
             ) from None
         if after != before:
             log.info(f"state store {self.url}: schema migrated from {before or 'empty'} to {after}")
+
+    # --- named locks ---------------------------------------------------------------------
+
+    @contextmanager
+    def lock(self, name: str, timeout_seconds: float = 120.0) -> Iterator[None]:
+        """Hold the lock `name` while the block runs, against every process, on any machine,
+        that uses this store: a PostgreSQL advisory lock (the database releases it if its
+        holder dies), or a file lock (flock) beside a SQLite database file. Waits up to
+        `timeout_seconds` for it, then raises `StateStoreError`."""
+        deadline = time.monotonic() + timeout_seconds
+        url = self._engine.url
+        if url.get_backend_name() == "postgresql":
+            held = self._advisory_lock(name, deadline)
+        elif url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            held = self._file_lock(Path(cast(str, url.database)), name, deadline)
+        elif url.get_backend_name() == "sqlite":  # no other process sees an in-memory store
+            held = self._process_lock(name, deadline)
+        else:
+            raise StateStoreError(
+                f"state store {self.url}: named locks need PostgreSQL or a SQLite file"
+            )
+        with held:
+            yield
+
+    def _wait_or_give_up(self, name: str, deadline: float) -> None:
+        if time.monotonic() >= deadline:
+            raise StateStoreError(
+                f"state store {self.url}: lock {name!r} is still held by another process; "
+                "gave up waiting for it"
+            )
+        time.sleep(LOCK_POLL_SECONDS)
+
+    def _failed(self, exc: sa_exc.SQLAlchemyError) -> StateStoreError:
+        reason = getattr(exc, "orig", None) or exc
+        return StateStoreError(f"state store {self.url}: {first_line(reason)}")
+
+    @contextmanager
+    def _advisory_lock(self, name: str, deadline: float) -> Iterator[None]:
+        key = {"key": lock_key(name)}
+        try:
+            # A session-level lock, on a connection of its own: it outlives transactions and
+            # ends when released or when the connection closes.
+            connection = self._engine.connect()
+        except sa_exc.SQLAlchemyError as exc:
+            raise self._failed(exc) from None
+        try:
+            try:
+                while True:
+                    got = connection.execute(sa.text("SELECT pg_try_advisory_lock(:key)"), key)
+                    taken = bool(got.scalar())
+                    connection.commit()  # no transaction stays open while waiting or holding
+                    if taken:
+                        break
+                    self._wait_or_give_up(name, deadline)
+            except sa_exc.SQLAlchemyError as exc:
+                raise self._failed(exc) from None
+            try:
+                yield
+            finally:
+                try:
+                    connection.execute(sa.text("SELECT pg_advisory_unlock(:key)"), key)
+                    connection.commit()
+                except sa_exc.SQLAlchemyError:
+                    connection.invalidate()  # closing the session releases it: never pool it
+        finally:
+            connection.close()
+
+    @contextmanager
+    def _file_lock(self, database: Path, name: str, deadline: float) -> Iterator[None]:
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+        path = database.with_name(f"{database.name}.{slug}.lock")
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StateStoreError(
+                f"state store {self.url}: cannot open the lock file {path}: {exc.strerror or exc}"
+            ) from None
+        try:  # closing the descriptor, or the process ending, releases the lock
+            while True:
+                try:
+                    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    self._wait_or_give_up(name, deadline)
+            yield
+        finally:
+            os.close(descriptor)
+
+    @contextmanager
+    def _process_lock(self, name: str, deadline: float) -> Iterator[None]:
+        lock = _MEMORY_LOCKS.setdefault(name, threading.Lock())
+        while not lock.acquire(blocking=False):
+            self._wait_or_give_up(name, deadline)
+        try:
+            yield
+        finally:
+            lock.release()
 
     # --- API keys ------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -248,19 +248,27 @@ def register_trained(
     model = Scorer(fitted.pipeline)
     registry = Registry(settings)
     assessment = _assess(fitted, model, registry, run.holdout)
-    decision, output_dir = assessment.decision, run.output_dir
-    rejects_file, metrics_file = _write_run_files(run, model, fitted, assessment)
+    output_dir = run.output_dir
+    rejects_file = _write_rejects(run)
+    metrics_file = _write_metrics(run, model, fitted, assessment)
 
-    # The report names the version, so register first, then write and attach the report.
+    # The report names the version and says whether it was promoted: register and promote
+    # first, then write and attach the report.
     run_id, version = _log_run(registry, fitted, model, run, assessment)
+    registry.set_challenger(version)
+    if assessment.decision.promoted and apply_promotion:
+        final = promote_as_decided(registry, version, assessment.decision)
+        if final is not assessment.decision:  # refused: every record says so, and why
+            assessment.decision = final
+            metrics_file = _write_metrics(run, model, fitted, assessment)
+            registry.client.set_tag(run_id, "promotion", final.reason)
+            registry.client.set_model_version_tag(registry.name, version, "promotion", final.reason)
+    decision = assessment.decision
     report = output_dir / "report.html"
     html = _training_report(version, run, model, assessment, fitted)
     write_text_atomic(report, html)
     registry.client.log_artifact(run_id, str(report))
     registry.client.log_artifact(run_id, str(metrics_file))
-    registry.set_challenger(version)
-    if decision.promoted and apply_promotion:
-        registry.promote(version)
     log.info(f"registered model version {version}; {decision.reason}")
     return TrainingOutcome(
         version=version,
@@ -296,16 +304,40 @@ def _assess(fitted: Fitted, model: Scorer, registry: Registry, holdout: Holdout)
     return Assessment(validation, holdout_eval, champion_holdout, decision)
 
 
-def _write_run_files(
-    run: TrainingRun, model: Scorer, fitted: Fitted, assessment: Assessment
-) -> tuple[Path, Path]:
-    """The run's rejects.csv and metrics.json; return their paths."""
-    data, output_dir = run.data, run.output_dir
-    output_dir.mkdir(parents=True, exist_ok=True)
+def promote_as_decided(
+    registry: Registry, version: str, decision: PromotionDecision
+) -> PromotionDecision:
+    """Promote ``version`` as ``decision`` says, only over the champion it was compared with.
+
+    Returns ``decision`` when it was applied, else a decision not to promote that says why
+    (another run or a planner changed the champion meanwhile): never an error, the version
+    stays challenger and can be compared again or promoted by hand.
+    """
+    done = registry.promote(version, compared_with=decision.champion_version)
+    if done.promoted or done.champion == version:
+        return decision
+    return replace(
+        decision,
+        promoted=False,
+        reason=(
+            f"not promoted: {done.reason} ({decision.reason}); train again to compare with "
+            f"the new champion, or `backorder models promote {version}`"
+        ),
+    )
+
+
+def _write_rejects(run: TrainingRun) -> Path:
+    """The run's rejects.csv; return its path."""
+    run.output_dir.mkdir(parents=True, exist_ok=True)
     # Always written, even empty, so that a re-run never leaves an earlier run's rejects behind.
-    rejects_file = write_table_atomic(output_dir / "rejects.csv", data.rejects)
+    return write_table_atomic(run.output_dir / "rejects.csv", run.data.rejects)
+
+
+def _write_metrics(run: TrainingRun, model: Scorer, fitted: Fitted, assessment: Assessment) -> Path:
+    """The run's metrics.json, with the promotion decision as it stands; return its path."""
+    data, output_dir = run.data, run.output_dir
     holdout_eval = assessment.holdout
-    metrics_file = write_json_atomic(
+    return write_json_atomic(
         output_dir / "metrics.json",
         {
             "validation": _with_tables(assessment.validation),
@@ -320,7 +352,6 @@ def _write_run_files(
             "model": _model_facts(model.classifier, fitted.fit_seconds),
         },
     )
-    return rejects_file, metrics_file
 
 
 def _compare_on_holdout(

@@ -113,10 +113,14 @@ class ModelHolder:
             while not self._stop.wait(every_seconds):
                 try:
                     self.refresh()
-                except ModelNotFoundError:
-                    if self.current is not None:  # the alias vanished under a serving model
+                except ModelNotFoundError as exc:
+                    # The alias vanished under a serving model, or its files were refused.
+                    if self.current is not None:
                         self.metrics.reload_failures.inc()
-                        log.warning("model reload failed; still serving the previous model")
+                        log.warning(
+                            "model reload failed; still serving the previous model",
+                            extra={"reason": str(exc)},
+                        )
                     # else: still waiting for the first model, as configured; nothing is wrong
                 except Exception:  # keep serving the old model; say why
                     self.metrics.reload_failures.inc()
