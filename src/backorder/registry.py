@@ -290,15 +290,17 @@ class Registry:
         with StateStore.open(self.settings) as store, store.lock(f"promotion:{self.name}"):
             yield
 
-    def _champion_and_history(self) -> tuple[str | None, list[str]]:
-        """The champion and the order of champions, read under the lock. A history that does
-        not end with the champion (a process that died between the two writes, or an alias
-        moved by hand in MLflow) is completed with it, so the two always agree."""
+    def _champion_and_history(self) -> tuple[str | None, list[str], list[str]]:
+        """The champion, the order of champions and the order as stored, read under the lock.
+        A history that does not end with the champion (a process that died between the two
+        writes, or an alias moved by hand in MLflow) is completed with it, so the two always
+        agree; the stored order lets a write be skipped when nothing changed."""
         champion = self.champion_version()
-        history = self._history()
+        stored = self._history()
+        history = list(stored)
         if champion is not None and (not history or history[-1] != champion):
             history.append(champion)
-        return champion, history
+        return champion, history, stored
 
     def promote(
         self,
@@ -314,7 +316,7 @@ class Registry:
         """
         version = self.resolve(version)
         with self._promotion_lock():
-            champion, history = self._champion_and_history()
+            champion, history, stored = self._champion_and_history()
             if compared_with is not ANY_CHAMPION and champion != compared_with:
                 then = f"v{compared_with}" if compared_with is not None else "none"
                 now = f"v{champion}" if champion is not None else "none"
@@ -322,28 +324,28 @@ class Registry:
                     False, champion, f"champion is now {now}; v{version} was compared with {then}"
                 )
             if champion == version:
-                self._write_history(history)
+                self._write_history(history, stored)
                 return Promotion(False, champion, f"v{version} is already the champion")
             # The alias first: if the process dies before the history is written, the next
             # promotion or rollback completes the history from the alias (see above).
             self.client.set_registered_model_alias(self.name, CHAMPION, version)
-            self._write_history([*history, version])
+            self._write_history([*history, version], stored)
         return Promotion(True, version)
 
-    def _write_history(self, history: list[str]) -> None:
-        if history != self._history():
+    def _write_history(self, history: list[str], stored: list[str]) -> None:
+        if history != stored:
             self.client.set_registered_model_tag(self.name, HISTORY_TAG, json.dumps(history))
 
     def rollback(self) -> tuple[str, str]:
         """Restore the previous champion; return (from version, to version)."""
         with self._promotion_lock():
-            _, history = self._champion_and_history()
+            _, history, stored = self._champion_and_history()
             if len(history) < 2:
                 raise ModelNotFoundError(f"'{self.name}' has no earlier champion to roll back to")
             current, previous = history[-1], history[-2]
             # The history first: if the process dies before the alias moves, the next promotion
             # or rollback finds the champion still current and puts it back at the end.
-            self._write_history(history[:-1])
+            self._write_history(history[:-1], stored)
             self.client.set_registered_model_alias(self.name, CHAMPION, previous)
         return current, previous
 
