@@ -41,7 +41,13 @@ import fsspec.core
 import pandas as pd
 
 from backorder.errors import BackorderError, InputFileError
-from backorder.io import TABLE_SUFFIXES, copy_atomic, table_suffix, write_json_atomic
+from backorder.io import (
+    TABLE_SUFFIXES,
+    copy_atomic,
+    remove_file,
+    table_suffix,
+    write_json_atomic,
+)
 from backorder.predict import new_batch_id
 from backorder.uris import redact, redact_fields, redact_text
 
@@ -169,14 +175,20 @@ class Landing:
         # without its lander being told.
         twins = [n for n in self._listing(kind) if batch_id_of(n) == batch_id]
         if len(twins) > 1:
-            self._remove(target)
+            remove_file(target)
             other = next(n for n in twins if n != batch_id + suffix)
             raise InputFileError(f"{self.shown(kind, other)}: batch {batch_id} has landed already")
         return target
 
-    def _remove(self, uri: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(fsspec.core.url_to_fs(uri)[1])
+    def _read_record(self, uri: str) -> dict[str, Any] | None:
+        """A JSON record on the landing root (a manifest record, a lease), read now, or None
+        when there is none."""
+        try:
+            raw = self.fs.cat_file(fsspec.core.url_to_fs(uri)[1])
+        except FileNotFoundError:
+            return None
+        record: dict[str, Any] = json.loads(raw)
+        return record
 
     # -- the manifest --------------------------------------------------------------------------
     def record(self, job: str, batch_id: str, record: dict[str, Any]) -> str:
@@ -187,12 +199,7 @@ class Landing:
 
     def record_of(self, job: str, batch_id: str) -> dict[str, Any] | None:
         """The batch's manifest record for ``job``, read now, or None when it has none."""
-        try:
-            raw = self.fs.cat_file(f"{self.base}/{MANIFEST}/{job}/{batch_id}.json")
-        except FileNotFoundError:
-            return None
-        record: dict[str, Any] = json.loads(raw)
-        return record
+        return self._read_record(self.uri(MANIFEST, job, f"{batch_id}.json"))
 
     def records(self, job: str) -> dict[str, dict[str, Any]]:
         out = {}
@@ -230,10 +237,10 @@ class Landing:
             raise BatchTaken(f"{batch_id}: another runner took it just now") from None
         if self._lease_generations(job, batch_id)[-1:] != [lease.generation]:
             # Our listing was old: a later generation exists, and its holder has the batch.
-            self._remove(lease.uri)
+            remove_file(lease.uri)
             raise BatchTaken(f"{batch_id}: another runner took it just now")
         for old in generations:  # history now: only the newest counts
-            self._remove(self._lease_uri(job, batch_id, old))
+            remove_file(self._lease_uri(job, batch_id, old))
         return lease
 
     def _lease_uri(self, job: str, batch_id: str, generation: int) -> str:
@@ -244,12 +251,7 @@ class Landing:
         return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
 
     def _lease_record(self, job: str, batch_id: str, generation: int) -> dict[str, Any] | None:
-        path = fsspec.core.url_to_fs(self._lease_uri(job, batch_id, generation))[1]
-        try:
-            record: dict[str, Any] = json.loads(self.fs.cat_file(path))
-        except FileNotFoundError:
-            return None
-        return record
+        return self._read_record(self._lease_uri(job, batch_id, generation))
 
 
 HELD, RELEASED = "held", "released"
@@ -316,7 +318,7 @@ class Lease:
         try:
             with contextlib.suppress(FileExistsError):
                 write_json_atomic(following.uri, following.record(RELEASED), exclusive=True)
-            self.landing._remove(self.uri)
+            remove_file(self.uri)
         except (BackorderError, OSError) as exc:
             log.warning(f"{redact(self.uri)}: the lease could not be released ({exc})")
 

@@ -16,7 +16,6 @@ registry (``tracking_uri``) and storage (S3 or a shared file system) as the driv
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import warnings
@@ -30,7 +29,7 @@ import fsspec.core
 
 from backorder.config import Settings
 from backorder.errors import BackorderError, InputFileError, first_line
-from backorder.io import is_remote, table_suffix, write_json_atomic
+from backorder.io import is_remote, remove_file, table_suffix, write_json_atomic
 from backorder.uris import redact, redact_text
 
 log = logging.getLogger(__name__)
@@ -87,9 +86,7 @@ def _success_marker(output_uri: str) -> str:
 def _remove_success_marker(output_uri: str) -> None:
     """Before partitions are replaced: a marker left in place would vouch for a mix of old and
     new partitions if the run stopped half-way."""
-    fs, path = fsspec.core.url_to_fs(_success_marker(output_uri))
-    with contextlib.suppress(FileNotFoundError):
-        fs.rm_file(path)
+    remove_file(_success_marker(output_uri))
 
 
 def score_partition(

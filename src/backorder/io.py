@@ -478,6 +478,13 @@ def _staged(target: str | Path, exclusive: bool = False) -> Iterator[Path]:
         temp.unlink(missing_ok=True)
 
 
+def remove_file(uri: str | Path) -> None:
+    """Remove a file (path or URL) if it is there."""
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(path)
+
+
 def copy_atomic(source: str | Path, target: str | Path, *, exclusive: bool = False) -> None:
     """Copy a file (path or URL) to ``target`` (path or URL) whole or not at all, streaming;
     ``exclusive``: only if ``target`` does not exist yet, else ``FileExistsError``."""
